@@ -1,0 +1,1 @@
+"""The broker core: agents, addresses, events and channels. No HTTP and no storage engine here."""

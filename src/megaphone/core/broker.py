@@ -1,0 +1,139 @@
+"""The broker: agents + addresses + a channel store, with the rules of SPEC Part A.
+
+Transport-free: the HTTP layer parses requests and calls these methods; errors come out as
+:mod:`megaphone.errors` exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from megaphone.config import Settings
+from megaphone.core.addressing import new_consumer_address
+from megaphone.core.agents import AgentRegistry
+from megaphone.core.events import Event, make_event
+from megaphone.errors import BadRequest, MegaphoneError, Skipped, WriteTimeout
+from megaphone.metrics import Metrics
+from megaphone.store.base import ChannelStore, ReadSink, Subscription
+
+log = logging.getLogger("megaphone.broker")
+
+PROTOCOL_NDJSON = "HTTP_STREAM_NDJSON_V1"
+SUPPORTED_PROTOCOLS: tuple[str, ...] = (PROTOCOL_NDJSON,)
+
+
+class Broker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ChannelStore,
+        registry: AgentRegistry,
+        metrics: Metrics,
+        on_deleted: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.on_deleted = on_deleted
+        self.write_timeout = settings.write_timeout_millis / 1000
+        self.poll_duration = settings.poll_duration_millis / 1000
+
+    def check_stream_id(self, stream_id: str) -> None:
+        if not stream_id:
+            raise BadRequest("stream id must not be empty")
+        if len(stream_id) > self.settings.max_stream_id_length:
+            raise BadRequest(
+                f"stream id longer than {self.settings.max_stream_id_length} characters"
+            )
+
+    async def create(self, protocols: Sequence[str] = ()) -> dict[str, Any]:
+        if protocols:
+            chosen = [p for p in protocols if p in SUPPORTED_PROTOCOLS]
+            if not chosen:
+                raise BadRequest(
+                    f"none of the requested protocols is supported; supported: "
+                    f"{', '.join(SUPPORTED_PROTOCOLS)}"
+                )
+        else:
+            chosen = list(SUPPORTED_PROTOCOLS)
+        agent = self.registry.pick_master()
+        consumer, key = new_consumer_address(agent.name)
+        await self.store.create(key, consumer)
+        return {
+            "channelId": consumer,
+            "producerAddress": agent.cipher.producer_address(key.digest),
+            "consumerAddress": consumer,
+            "agentName": agent.name,
+            "protocols": chosen,
+        }
+
+    async def write(self, producer: str, stream_id: str, body: Any) -> None:
+        self.check_stream_id(stream_id)
+        key = self.registry.addresses.producer(producer)
+        await self.store.write(key, make_event(stream_id, body), self.write_timeout)
+
+    async def write_batch(
+        self, channels: Sequence[str], messages: Sequence[tuple[str, Any]]
+    ) -> list[dict[str, Any]]:
+        for stream_id, _ in messages:
+            self.check_stream_id(stream_id)
+        events = [make_event(stream_id, body) for stream_id, body in messages]
+        unique = list(dict.fromkeys(channels))
+        results = await asyncio.gather(*(self._write_all(c, events) for c in unique))
+        return [failure for failures in results for failure in failures]
+
+    async def _write_all(self, channel: str, events: list[Event]) -> list[dict[str, Any]]:
+        failures: list[dict[str, Any]] = []
+        try:
+            key = self.registry.addresses.producer(channel)
+        except MegaphoneError as exc:
+            return [
+                {"channel": channel, "index": i, "reason": exc.code} for i in range(len(events))
+            ]
+        timed_out = False
+        for index, event in enumerate(events):
+            if timed_out:
+                failures.append({"channel": channel, "index": index, "reason": Skipped.code})
+                continue
+            try:
+                await self.store.write(key, event, self.write_timeout)
+            except MegaphoneError as exc:
+                failures.append({"channel": channel, "index": index, "reason": exc.code})
+                timed_out = isinstance(exc, WriteTimeout)
+        return failures
+
+    async def attach(self, consumer: str, sink: ReadSink) -> Subscription:
+        key = self.registry.addresses.consumer(consumer)
+        return await self.store.attach(key, sink)
+
+    async def exists(self, addresses: Sequence[str]) -> dict[str, bool]:
+        out: dict[str, bool] = {}
+        for address in addresses:
+            try:
+                key = self.registry.addresses.any(address)
+            except MegaphoneError:
+                out[address] = False
+            else:
+                out[address] = await self.store.exists(key)
+        return out
+
+    async def sweep(self) -> list[str]:
+        expired = await self.store.expire()
+        if expired:
+            log.info("channels expired", extra={"count": len(expired)})
+            if self.on_deleted is not None:
+                self.on_deleted(expired)
+        return expired
+
+    async def run_sweeper(self) -> None:
+        interval = self.settings.sweep_interval_millis / 1000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("expiry sweep failed")

@@ -1,0 +1,74 @@
+"""Events, serialised once at write time.
+
+An event on the wire is one NDJSON line ``{"sid","eid","ts","body"}``. The broker builds that line
+when the write is accepted; every later step (buffering, delivery, replay) only moves bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import string
+import time
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import orjson
+
+EVENT_ID_LENGTH = 23
+_ALNUM = (string.ascii_letters + string.digits).encode("ascii")
+# bytes 0..247 map onto the 62 alphanumerics without bias (248 = 4 * 62); 248..255 are dropped.
+_TABLE = bytes(_ALNUM[i % 62] for i in range(248)) + bytes(range(248, 256))
+_DROP = bytes(range(248, 256))
+
+
+def _alphanumerics(length: int, source: Any) -> str:
+    out = b""
+    while len(out) < length:
+        out += source(length + 8).translate(_TABLE, _DROP)
+    return out[:length].decode("ascii")
+
+
+def secure_alphanumerics(length: int) -> str:
+    """Random alphanumerics from the OS CSPRNG (capabilities: consumer addresses)."""
+    return _alphanumerics(length, os.urandom)
+
+
+def new_event_id() -> str:
+    """23 random alphanumerics, as the original (an identifier, not a secret)."""
+    return _alphanumerics(EVENT_ID_LENGTH, random.randbytes)
+
+
+class _Clock:
+    """RFC 3339 UTC timestamps with microseconds, the per-second prefix cached."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((t - second) * 1_000_000):06d}Z"
+
+
+_clock = _Clock()
+
+
+class Event(NamedTuple):
+    eid: str
+    line: bytes  # the serialised NDJSON line, newline included
+
+
+def make_event(stream_id: str, body: Any) -> Event:
+    eid = new_event_id()
+    line = orjson.dumps(
+        {"sid": stream_id, "eid": eid, "ts": _clock.now(), "body": body},
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
+    return Event(eid, line)

@@ -1,0 +1,104 @@
+"""The error tree of the broker.
+
+Every error a request can cause is a :class:`MegaphoneError`; each subclass knows its HTTP status
+and its wire code, so the HTTP layer translates it once into ``{"code": ..., "message": ...}``::
+
+    MegaphoneError
+    ├── BadRequest            400 BAD_REQUEST
+    ├── NotFound              404 NOT_FOUND
+    ├── MethodNotAllowed      405 METHOD_NOT_ALLOWED
+    ├── RequestTimeout        408 REQUEST_TIMEOUT
+    ├── Busy                  409 BUSY
+    ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
+    ├── UriTooLong            414 URI_TOO_LONG
+    ├── HeadersTooLarge       431 HEADERS_TOO_LARGE
+    ├── WriteTimeout          503 TIMEOUT
+    ├── Skipped               503 SKIPPED   (write-batch only, as a failure reason)
+    ├── Unavailable           503 UNAVAILABLE
+    └── InternalError         500 INTERNAL_SERVER_ERROR
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class MegaphoneError(Exception):
+    status: int = 500
+    code: str = "INTERNAL_SERVER_ERROR"
+    default_message: str = "internal server error"
+    allow: str | None = None  # the Allow header of a 405
+
+    def __init__(self, message: str | None = None, *, allow: str | None = None) -> None:
+        self.message = message or self.default_message
+        if allow is not None:
+            self.allow = allow
+        super().__init__(self.message)
+
+    def body(self) -> bytes:
+        return orjson.dumps({"code": self.code, "message": self.message})
+
+
+class BadRequest(MegaphoneError):
+    status, code, default_message = 400, "BAD_REQUEST", "bad request"
+
+
+class NotFound(MegaphoneError):
+    status, code, default_message = 404, "NOT_FOUND", "not found"
+
+
+class MethodNotAllowed(MegaphoneError):
+    status, code, default_message = 405, "METHOD_NOT_ALLOWED", "method not allowed"
+
+
+class RequestTimeout(MegaphoneError):
+    status, code, default_message = 408, "REQUEST_TIMEOUT", "request not received in time"
+
+
+class Busy(MegaphoneError):
+    status, code, default_message = 409, "BUSY", "channel already has a reader"
+
+
+class PayloadTooLarge(MegaphoneError):
+    status, code, default_message = 413, "PAYLOAD_TOO_LARGE", "request body too large"
+
+
+class UriTooLong(MegaphoneError):
+    status, code, default_message = 414, "URI_TOO_LONG", "request target too long"
+
+
+class HeadersTooLarge(MegaphoneError):
+    status, code, default_message = 431, "HEADERS_TOO_LARGE", "request headers too large"
+
+
+class WriteTimeout(MegaphoneError):
+    status, code, default_message = 503, "TIMEOUT", "channel buffer stayed full"
+
+
+class Skipped(MegaphoneError):
+    status, code, default_message = 503, "SKIPPED", "skipped after an earlier timeout"
+
+
+class Unavailable(MegaphoneError):
+    status, code, default_message = 503, "UNAVAILABLE", "service unavailable"
+
+
+class InternalError(MegaphoneError):
+    pass
+
+
+__all__ = [
+    "BadRequest",
+    "Busy",
+    "HeadersTooLarge",
+    "InternalError",
+    "MegaphoneError",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "Skipped",
+    "Unavailable",
+    "UriTooLong",
+    "WriteTimeout",
+]

@@ -1,0 +1,4 @@
+"""The public HTTP API.
+
+Endpoints in :mod:`.app`, framing in :mod:`.wire`, the connection protocol in :mod:`.protocol`.
+"""

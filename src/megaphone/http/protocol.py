@@ -1,0 +1,495 @@
+"""The public server: a lean HTTP/1.x protocol on uvloop + httptools.
+
+One :class:`HttpProtocol` per connection. httptools parses; this module is the glue: keep-alive and
+pipelining (requests answered in order), ``Expect: 100-continue``, limits on the request target,
+headers and body, timeouts for slow or idle clients, and streamed reads (chunked for HTTP/1.1,
+close-delimited for HTTP/1.0, as nginx's default upstream protocol needs).
+
+Requests that finish without waiting (most writes, creates) are answered inline without a task
+(:func:`megaphone.core.eager.start`); only a request that really waits gets one, and that task is
+cancelled if the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, NoReturn, cast
+
+import httptools
+
+from megaphone.core import eager
+from megaphone.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    InternalError,
+    MegaphoneError,
+    PayloadTooLarge,
+    RequestTimeout,
+    UriTooLong,
+)
+from megaphone.http import wire
+from megaphone.http.app import Api, ReadRequest, Request, Result
+from megaphone.store.base import Subscription
+
+if TYPE_CHECKING:
+    from megaphone.core.broker import Broker
+
+log = logging.getLogger("megaphone.http")
+
+MAX_PIPELINE = 32
+
+
+class HttpLimits:
+    __slots__ = ("keepalive_timeout", "max_body", "max_headers", "max_url", "request_timeout")
+
+    def __init__(
+        self,
+        *,
+        max_url: int,
+        max_headers: int,
+        max_body: int,
+        request_timeout: float,
+        keepalive_timeout: float,
+    ) -> None:
+        self.max_url = max_url
+        self.max_headers = max_headers
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.keepalive_timeout = keepalive_timeout
+
+
+class HttpServerState:
+    """What all connections of one server share."""
+
+    def __init__(self, api: Api, broker: Broker, limits: HttpLimits) -> None:
+        self.api = api
+        self.broker = broker
+        self.limits = limits
+        self.connections: set[HttpProtocol] = set()
+        self.shutting_down = False
+        self._all_closed: asyncio.Event | None = None
+
+    def remove(self, connection: HttpProtocol) -> None:
+        self.connections.discard(connection)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    async def wait_closed(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds for every connection to close; True if they did."""
+        if not self.connections:
+            return True
+        self._all_closed = asyncio.Event()
+        try:
+            async with asyncio.timeout(grace):
+                await self._all_closed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+class NdjsonStream:
+    """A read in progress: the channel pushes whole events, we frame them as chunks."""
+
+    __slots__ = ("_started", "chunked", "done", "keep_alive", "protocol", "subscription", "timer")
+
+    def __init__(self, protocol: HttpProtocol, *, chunked: bool, keep_alive: bool) -> None:
+        self.protocol = protocol
+        self.chunked = chunked
+        self.keep_alive = keep_alive and chunked
+        self.done = False
+        self._started = False
+        self.subscription: Subscription | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def writable(self) -> bool:
+        return not self.done and not self.protocol.write_paused
+
+    def _start(self) -> None:
+        self._started = True
+        self.protocol.write(wire.stream_head(chunked=self.chunked))
+
+    def deliver(self, lines: list[bytes]) -> None:
+        if not self._started:
+            self._start()
+        data = lines[0] if len(lines) == 1 else b"".join(lines)
+        self.protocol.write(wire.chunk(data) if self.chunked else data)
+
+    def attached(self, subscription: Subscription, window: float) -> None:
+        self.subscription = subscription
+        if self.done:  # the channel went away while we attached
+            subscription.close()
+            return
+        if not self._started:
+            self._start()
+        self.timer = asyncio.get_running_loop().call_later(window, self.finish)
+
+    def end(self) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        """End the read cleanly (window over, channel deleted, or shutdown)."""
+        if self.done:
+            return
+        self._stop()
+        if not self._started:
+            self._start()
+        if self.chunked:
+            self.protocol.write(wire.LAST_CHUNK)
+        self.protocol.stream_finished(self.keep_alive)
+
+    def abort(self) -> None:
+        """The client is gone: detach without writing anything."""
+        if not self.done:
+            self._stop()
+
+    def _stop(self) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.subscription is not None:
+            self.subscription.close()
+
+
+class HttpProtocol(asyncio.Protocol):
+    def __init__(self, state: HttpServerState) -> None:
+        self.state = state
+        self.limits = state.limits
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.request: Request | None = None
+        self._url: list[bytes] = []
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._parse_error: MegaphoneError | None = None
+        self.queue: deque[Request] = deque()
+        self.busy = False
+        self.task: asyncio.Task[object] | None = None
+        self.stream: NdjsonStream | None = None
+        self.write_paused = False
+        self.reading_paused = False
+        self.closed = False
+        self.close_when_idle = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- transport events -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.state.connections.add(self)
+        self._arm(self.limits.request_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.state.remove(self)
+        self._disarm()
+        if self.stream is not None:
+            self.stream.abort()
+            self.stream = None
+        if self.task is not None:
+            self.task.cancel()
+        self.queue.clear()
+
+    def eof_received(self) -> bool | None:
+        if self.stream is not None:
+            # a reader that hung up: stop taking events out of its channel now
+            self.stream.abort()
+            self.stream = None
+            return False
+        if self.busy or self.queue:
+            self.close_when_idle = True
+            return True  # answer what was asked, then close
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.stream is not None:
+            if self.stream.subscription is not None:
+                self.stream.subscription.resume()
+        else:
+            self._process_queue()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # no protocol upgrades (yet): answer what was parsed, then close
+            self.close_when_idle = True
+        except (httptools.HttpParserError, httptools.HttpParserCallbackError) as exc:
+            error = self._parse_error or BadRequest(f"malformed HTTP request: {exc}")
+            self._fatal(error)
+            return
+        self._process_queue()
+        if len(self.queue) >= MAX_PIPELINE and not self.reading_paused and self.transport:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    # --- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.request = Request()
+        self._url = []
+        self._header_bytes = 0
+        self._body = []
+        self._body_size = 0
+        if not self.busy:
+            self._arm(self.limits.request_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._header_bytes += len(url)
+        if self._header_bytes > self.limits.max_url:
+            self._raise(UriTooLong(f"request target longer than {self.limits.max_url} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.limits.max_headers:
+            self._raise(HeadersTooLarge(f"headers larger than {self.limits.max_headers} bytes"))
+        assert self.request is not None
+        headers = self.request.headers
+        key = name.lower()
+        headers[key] = headers[key] + b", " + value if key in headers else value
+
+    def on_headers_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        request.method = self.parser.get_method()
+        request.http10 = self.parser.get_http_version() == "1.0"
+        request.keep_alive = self.parser.should_keep_alive()
+        try:
+            url = httptools.parse_url(b"".join(self._url))
+        except httptools.HttpParserInvalidURLError:
+            self._raise(BadRequest("malformed request target"))
+        request.path = url.path or b""
+        request.query = url.query or b""
+        length = request.headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_body:
+            self._raise(PayloadTooLarge(f"request body larger than {self.limits.max_body} bytes"))
+        expect = request.headers.get(b"expect")
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                self._raise(BadRequest("unsupported Expect header"))
+            if not request.http10 and not self.busy and not self.queue:
+                self.write(wire.CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.limits.max_body:
+            self._raise(PayloadTooLarge(f"request body larger than {self.limits.max_body} bytes"))
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        request.body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        self._body = []
+        self.request = None
+        self.queue.append(request)
+        self._disarm()
+
+    def _raise(self, error: MegaphoneError) -> NoReturn:
+        self._parse_error = error
+        raise error
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _process_queue(self) -> None:
+        while self.queue and not self.busy and not self.write_paused and not self.closed:
+            self._handle(self.queue.popleft())
+        if self.busy or self.closed:
+            return
+        if self.reading_paused and len(self.queue) < MAX_PIPELINE and self.transport:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if not self.queue:
+            if self.close_when_idle or self.state.shutting_down:
+                self.close()
+            elif self.request is None:
+                self._arm(self.limits.keepalive_timeout)
+
+    def _handle(self, request: Request) -> None:
+        try:
+            handler, params = self.state.api.route(request)
+            outcome = eager.start(handler(request, params))
+        except MegaphoneError as exc:
+            self._send_error(request, exc)
+            return
+        except Exception:
+            log.exception("unexpected error in handler")
+            self._send_error(request, InternalError())
+            return
+        if isinstance(outcome, eager.Done):
+            self._finish(request, outcome.value)
+        else:
+            self._wait_for(request, outcome)
+
+    def _wait_for(self, request: Request, task: asyncio.Task[object]) -> None:
+        self.busy = True
+        self.task = task
+        task.add_done_callback(lambda t: self._task_done(request, t))
+
+    def _task_done(self, request: Request, task: asyncio.Task[object]) -> None:
+        self.task = None
+        self.busy = False
+        if self.closed or task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, MegaphoneError):
+            self._send_error(request, exc)
+        elif exc is not None:
+            log.error("unexpected error in handler", exc_info=exc)
+            self._send_error(request, InternalError())
+        else:
+            self._finish(request, task.result())  # type: ignore[arg-type]
+        self._process_queue()
+
+    def _finish(self, request: Request, result: Result) -> None:
+        if isinstance(result, ReadRequest):
+            self._start_read(request, result.consumer)
+            return
+        status, body, content_type = result
+        keep_alive = self._keep_alive(request)
+        self.write(
+            wire.response(
+                status,
+                body,
+                content_type=content_type,
+                keep_alive=keep_alive,
+                http10=request.http10,
+            )
+        )
+        if not keep_alive:
+            self.close()
+
+    def _keep_alive(self, request: Request) -> bool:
+        return request.keep_alive and not self.close_when_idle and not self.state.shutting_down
+
+    def _send_error(self, request: Request | None, error: MegaphoneError) -> None:
+        if error.status >= 500 and error.code == "INTERNAL_SERVER_ERROR":
+            log.error("request failed", extra={"status": error.status, "code": error.code})
+        else:
+            log.info(
+                "request rejected",
+                extra={"status": error.status, "code": error.code, "detail": error.message},
+            )
+        keep_alive = request is not None and self._keep_alive(request)
+        http10 = request is not None and request.http10
+        self.write(wire.error_response(error, keep_alive=keep_alive, http10=http10))
+        if not keep_alive:
+            self.close()
+
+    def _fatal(self, error: MegaphoneError) -> None:
+        """The byte stream is unusable (bad framing, limit hit): answer once and close."""
+        self.queue.clear()
+        self.request = None
+        if self.busy:
+            self.close_when_idle = True  # the in-flight answer goes out first, then we close
+            if self.transport is not None and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()
+            return
+        self._send_error(None, error)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def _start_read(self, request: Request, consumer: str) -> None:
+        stream = NdjsonStream(
+            self, chunked=not request.http10, keep_alive=self._keep_alive(request)
+        )
+        self.busy = True
+        self.stream = stream
+        self._disarm()
+        try:
+            outcome = eager.start(self.state.broker.attach(consumer, stream))
+        except Exception as exc:
+            self._read_failed(request, stream, exc)
+            return
+        if isinstance(outcome, eager.Done):
+            stream.attached(outcome.value, self.state.broker.poll_duration)
+            return
+        self.task = outcome
+        outcome.add_done_callback(lambda task: self._read_attached(request, stream, task))
+
+    def _read_attached(
+        self, request: Request, stream: NdjsonStream, task: asyncio.Task[Subscription]
+    ) -> None:
+        self.task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not self.closed:
+                self._read_failed(request, stream, exc)
+        elif self.closed:
+            task.result().close()  # the client left while we attached
+        else:
+            stream.attached(task.result(), self.state.broker.poll_duration)
+
+    def _read_failed(self, request: Request, stream: NdjsonStream, exc: BaseException) -> None:
+        stream.done = True
+        self.stream = None
+        self.busy = False
+        if not isinstance(exc, MegaphoneError):
+            log.error("unexpected error attaching a reader", exc_info=exc)
+            exc = InternalError()
+        self._send_error(request, exc)
+        self._process_queue()
+
+    def stream_finished(self, keep_alive: bool) -> None:
+        self.stream = None
+        self.busy = False
+        if not keep_alive or self.state.shutting_down:
+            self.close()
+            return
+        self._process_queue()
+
+    # --- output and lifetime ------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close after what was written is flushed; abort if the client does not read it."""
+        if self.closed or self.transport is None:
+            return
+        self.closed = True
+        self.transport.close()
+        transport = self.transport
+        self._disarm()
+        self.timer = self.loop.call_later(self.limits.request_timeout, transport.abort)
+
+    def shutdown(self) -> None:
+        """Server shutdown: end a read cleanly, close once idle."""
+        if self.stream is not None:
+            self.stream.finish()
+        elif not self.busy and not self.queue:
+            self.close()
+        else:
+            self.close_when_idle = True
+
+    def _arm(self, delay: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(delay, self._on_timeout)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.busy or self.closed:
+            return
+        if self.request is not None:
+            self._fatal(RequestTimeout("request not received in time"))
+        else:
+            self.close()

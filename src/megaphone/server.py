@@ -1,0 +1,109 @@
+"""Wiring: settings → agents, store, broker, webhooks, the public HTTP server; start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from contextlib import suppress
+
+from megaphone.config import Settings
+from megaphone.core.agents import AgentRegistry
+from megaphone.core.broker import Broker
+from megaphone.http.app import Api
+from megaphone.http.protocol import HttpLimits, HttpProtocol, HttpServerState
+from megaphone.metrics import Metrics
+from megaphone.store.memory import MemoryStore
+from megaphone.webhooks import WebhookNotifier
+
+log = logging.getLogger("megaphone.server")
+
+
+class MegaphoneServer:
+    """One broker node. ``await start()``, then ``await aclose()``; closing twice is harmless."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = AgentRegistry()
+        for name, mode in settings.agents.items():
+            self.registry.add(name, mode, settings.agent_warmup_secs)
+        self.store = MemoryStore(
+            metrics=self.metrics,
+            capacity=settings.channel_buffer_size,
+            ttl=settings.channel_ttl_millis / 1000,
+        )
+        self.webhooks = WebhookNotifier(settings.webhooks, settings.webhook_timeout_millis / 1000)
+        self.broker = Broker(
+            settings, self.store, self.registry, self.metrics, self.webhooks.channels_deleted
+        )
+        self.http = HttpServerState(
+            Api(self.broker, self.metrics),
+            self.broker,
+            HttpLimits(
+                max_url=settings.max_url_bytes,
+                max_headers=settings.max_header_bytes,
+                max_body=settings.max_body_bytes,
+                request_timeout=settings.request_timeout_millis / 1000,
+                keepalive_timeout=settings.keepalive_timeout_millis / 1000,
+            ),
+        )
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+        self.port = 0
+
+    async def start(self) -> None:
+        if self._closed:
+            raise RuntimeError("server is closed")
+        host, port = self.settings.host_port
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(self.http), host, port, backlog=4096, reuse_address=True
+        )
+        sock: socket.socket = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        self._sweeper = loop.create_task(self.broker.run_sweeper())
+        log.info(
+            "megaphone listening",
+            extra={"address": f"{host}:{self.port}", "agents": ",".join(self.settings.agents)},
+        )
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Stop accepting, end open reads cleanly, let in-flight requests finish (``grace`` s)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.http.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.http.connections):
+            connection.shutdown()
+        await self.http.wait_closed(grace)
+        for connection in list(self.http.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.webhooks.aclose()
+        await self.store.aclose()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    server = MegaphoneServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.aclose()

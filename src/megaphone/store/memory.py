@@ -1,0 +1,267 @@
+"""The in-memory channel store: the zero-setup default.
+
+Delivery is push-based: a write into a channel whose reader is writable goes straight into the
+reader's transport, with no task and no copy. Expiry keeps a heap of deadlines, so a sweep costs in
+proportion to what expires, not to what exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable
+
+from megaphone.core.addressing import ChannelKey
+from megaphone.core.events import Event
+from megaphone.errors import Busy, NotFound, WriteTimeout
+from megaphone.metrics import Metrics
+from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, Subscription
+
+
+class _Waiter:
+    __slots__ = ("event", "future", "timer")
+
+    def __init__(self, event: Event, future: asyncio.Future[None]) -> None:
+        self.event = event
+        self.future = future
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class MemoryChannel:
+    __slots__ = (
+        "address",
+        "capacity",
+        "created_at",
+        "expires_at",
+        "key",
+        "metrics",
+        "pending",
+        "sink",
+        "waiters",
+    )
+
+    def __init__(
+        self, key: ChannelKey, address: str, capacity: int, now: float, ttl: float, metrics: Metrics
+    ) -> None:
+        self.key = key
+        self.address = address
+        self.capacity = capacity
+        self.created_at = now
+        self.expires_at = now + ttl
+        self.metrics = metrics
+        self.pending: deque[Event] = deque()
+        self.waiters: deque[_Waiter] = deque()
+        self.sink: ReadSink | None = None
+
+    def offer(self, event: Event) -> bool:
+        """Accept ``event`` if there is room and nobody is queued before it."""
+        if self.waiters or len(self.pending) >= self.capacity:
+            return False
+        self.metrics.messages_received += 1
+        sink = self.sink
+        if sink is not None and sink.writable and not self.pending:
+            self.metrics.messages_read += 1
+            sink.deliver([event.line])
+        else:
+            self.pending.append(event)
+            if sink is not None and sink.writable:
+                self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Move pending events (then queued writers) into the sink while it is writable."""
+        sink = self.sink
+        while sink is not None and sink.writable and self.pending:
+            lines = [event.line for event in self.pending]
+            self.pending.clear()
+            self._admit_waiters()
+            self.metrics.messages_read += len(lines)
+            sink.deliver(lines)
+            sink = self.sink
+        self._admit_waiters()
+
+    def _admit_waiters(self) -> None:
+        while self.waiters and len(self.pending) < self.capacity:
+            waiter = self.waiters.popleft()
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            self.pending.append(waiter.event)
+            self.metrics.messages_received += 1
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+
+    def detach(self, sink: ReadSink, now: float, ttl: float) -> bool:
+        if self.sink is not sink:
+            return False
+        self.sink = None
+        self.expires_at = now + ttl
+        return True
+
+    def fail_waiters(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            if not waiter.future.done():
+                waiter.future.set_exception(NotFound("channel deleted"))
+
+
+class _MemorySubscription:
+    __slots__ = ("_channel", "_closed", "_sink", "_store")
+
+    def __init__(self, store: MemoryStore, channel: MemoryChannel, sink: ReadSink) -> None:
+        self._store = store
+        self._channel = channel
+        self._sink = sink
+        self._closed = False
+
+    def resume(self) -> None:
+        if not self._closed and self._channel.sink is self._sink:
+            self._channel.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._store._detach(self._channel, self._sink)
+
+
+class MemoryStore(ChannelStore):
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        capacity: int = 100,
+        ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self.capacity = capacity
+        self.ttl = ttl
+        self.clock = clock
+        self._channels: dict[ChannelKey, MemoryChannel] = {}
+        self._deadlines: list[tuple[float, int, ChannelKey]] = []
+        self._seq = 0
+        self._per_agent: dict[str, int] = {}
+
+    def _schedule(self, channel: MemoryChannel) -> None:
+        self._seq += 1
+        heapq.heappush(self._deadlines, (channel.expires_at, self._seq, channel.key))
+
+    async def create(self, key: ChannelKey, consumer_address: str) -> None:
+        channel = MemoryChannel(
+            key, consumer_address, self.capacity, self.clock(), self.ttl, self.metrics
+        )
+        self._channels[key] = channel
+        self._per_agent[key.agent] = self._per_agent.get(key.agent, 0) + 1
+        self._schedule(channel)
+        self.metrics.channel_created += 1
+
+    async def exists(self, key: ChannelKey) -> bool:
+        return key in self._channels
+
+    def _get(self, key: ChannelKey) -> MemoryChannel:
+        channel = self._channels.get(key)
+        if channel is None:
+            raise NotFound("channel not found")
+        return channel
+
+    async def write(self, key: ChannelKey, event: Event, wait: float) -> None:
+        channel = self._channels.get(key)
+        if channel is None:
+            self.metrics.messages_unroutable += 1
+            raise NotFound("channel not found")
+        if channel.offer(event):
+            return
+        if wait <= 0:
+            raise WriteTimeout(f"channel buffer full ({channel.capacity} events)")
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(event, loop.create_future())
+        waiter.timer = loop.call_later(wait, self._expire_waiter, channel, waiter)
+        channel.waiters.append(waiter)
+        try:
+            await waiter.future
+        finally:
+            if not waiter.future.done() or waiter.future.cancelled():
+                waiter.timer.cancel()
+                if waiter in channel.waiters:
+                    channel.waiters.remove(waiter)
+
+    def _expire_waiter(self, channel: MemoryChannel, waiter: _Waiter) -> None:
+        if waiter.future.done():
+            return
+        try:
+            channel.waiters.remove(waiter)
+        except ValueError:
+            return
+        waiter.future.set_exception(
+            WriteTimeout(f"channel buffer stayed full ({channel.capacity} events)")
+        )
+
+    async def attach(self, key: ChannelKey, sink: ReadSink) -> Subscription:
+        channel = self._get(key)
+        if channel.sink is not None:
+            raise Busy("channel already has a reader")
+        channel.sink = sink
+        subscription = _MemorySubscription(self, channel, sink)
+        channel.flush()
+        return subscription
+
+    def _detach(self, channel: MemoryChannel, sink: ReadSink) -> None:
+        if (
+            channel.detach(sink, self.clock(), self.ttl)
+            and self._channels.get(channel.key) is channel
+        ):
+            self._schedule(channel)
+
+    def _remove(self, channel: MemoryChannel) -> None:
+        del self._channels[channel.key]
+        left = self._per_agent.get(channel.key.agent, 1) - 1
+        if left:
+            self._per_agent[channel.key.agent] = left
+        else:
+            self._per_agent.pop(channel.key.agent, None)
+        self.metrics.channel_disposed += 1
+        self.metrics.messages_lost += len(channel.pending) + len(channel.waiters)
+        self.metrics.channel_duration.observe(self.clock() - channel.created_at)
+        channel.fail_waiters()
+        sink, channel.sink = channel.sink, None
+        if sink is not None:
+            sink.end()
+
+    async def delete(self, key: ChannelKey) -> bool:
+        channel = self._channels.get(key)
+        if channel is None:
+            return False
+        self._remove(channel)
+        return True
+
+    async def expire(self) -> list[str]:
+        now = self.clock()
+        expired: list[str] = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, key = heapq.heappop(deadlines)
+            channel = self._channels.get(key)
+            if channel is None or channel.sink is not None or channel.expires_at > now:
+                continue  # stale entry: deleted, being read, or read again since
+            self._remove(channel)
+            expired.append(channel.address)
+        return expired
+
+    async def list(self, skip: int, limit: int) -> list[ChannelInfo]:
+        out: list[ChannelInfo] = []
+        for index, channel in enumerate(self._channels.values()):
+            if index < skip:
+                continue
+            if len(out) >= limit:
+                break
+            out.append(ChannelInfo(channel.address, channel.key.agent))
+        return out
+
+    def count(self, agent: str | None = None) -> int:
+        if agent is None:
+            return len(self._channels)
+        return self._per_agent.get(agent, 0)
