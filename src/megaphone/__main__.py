@@ -1,0 +1,3 @@
+from megaphone.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""The ``megaphone`` command as a real subprocess: config sources, serving, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+MEGAPHONE = str(Path(sys.executable).parent / "megaphone")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.lower().startswith("megaphone_")}
+    env.update(extra)
+    return env
+
+
+class Node:
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [MEGAPHONE, *args], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
+        )
+        assert self.process.stderr is not None
+        self.lines: list[str] = []
+        for line in self.process.stderr:
+            self.lines.append(line)
+            match = re.search(r'msg="megaphone listening" address=([\d.]+):(\d+)', line)
+            if match:
+                self.url = f"http://{match[1]}:{match[2]}"
+                break
+        else:
+            raise AssertionError("server did not start:\n" + "".join(self.lines))
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _read_rest(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=15)
+        self.close()
+        return code
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._drain.join(timeout=5)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Node]]:
+    started: list[Node] = []
+    yield started
+    for node in started:
+        node.close()
+
+
+def test_serves_with_file_env_and_flags(tmp_path: Path, nodes: list[Node]) -> None:
+    (tmp_path / "megaphone.toml").write_text('agent = "from-file"\npoll_duration_millis = 60000\n')
+    node = Node(
+        ["--address", "127.0.0.1:0", "--poll-duration-millis", "500"],
+        tmp_path,
+        clean_env(megaphone_agent="from-env"),
+    )
+    nodes.append(node)
+    with httpx.Client(base_url=node.url) as http:
+        channel = http.post("/create").json()
+        assert channel["agentName"] == "from-env"  # env beats file
+        assert http.post(f"/write/{channel['producerAddress']}/s", json={"x": 1}).status_code == 201
+        reply = http.get(f"/read/{channel['consumerAddress']}")  # flag: a 500 ms window
+        assert [json.loads(line)["body"] for line in reply.text.splitlines()] == [{"x": 1}]
+    assert node.stop() == 0
+
+
+def test_sigterm_ends_open_reads_and_exits(tmp_path: Path, nodes: list[Node]) -> None:
+    node = Node(["--address", "127.0.0.1:0"], tmp_path, clean_env())
+    nodes.append(node)
+    with httpx.Client(base_url=node.url, timeout=30) as http:
+        channel = http.post("/create").json()
+        http.post(f"/write/{channel['producerAddress']}/s", json=1)
+        with http.stream("GET", f"/read/{channel['consumerAddress']}") as stream:
+            lines = stream.iter_lines()
+            assert json.loads(next(lines))["body"] == 1
+            node.process.send_signal(signal.SIGTERM)
+            assert list(lines) == []  # the stream ends cleanly (last chunk), no error
+    assert node.stop() == 0
+    assert any("shutting down" in line for line in node.lines)
+
+
+def test_check_reports_the_embedded_default(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [MEGAPHONE, "--check"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(result.stdout)
+    assert settings["address"] == "0.0.0.0:3000"
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", settings["agent"])
+
+
+def test_invalid_configuration_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "megaphone.yaml").write_text("agent: 'not valid!'\n")
+    result = subprocess.run(
+        [MEGAPHONE, "--check"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "agent" in result.stderr
+    assert "Traceback" not in result.stderr
