@@ -16,18 +16,16 @@ import binascii
 import hashlib
 import os
 import re
-import secrets
-import string
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from megaphone.core.events import secure_alphanumerics
 from megaphone.errors import BadRequest, NotFound
 
 SEGMENT_LENGTH = 50
 FEATURE_CHUNKED_STREAM = 0x1
-_ALPHANUMERIC = string.ascii_letters + string.digits
 _AGENT = r"[A-Za-z0-9_-]+"
 CONSUMER_RE = re.compile(rf"^({_AGENT})\.([A-Za-z0-9]{{{SEGMENT_LENGTH}}})\.([0-9a-fA-F]{{1,8}})$")
 PRODUCER_RE = re.compile(rf"^({_AGENT})\.([A-Za-z0-9_-]{{59}})$")
@@ -38,10 +36,6 @@ KEY_LENGTH = 32
 class ChannelKey(NamedTuple):
     agent: str
     digest: bytes  # md5 of the consumer segment
-
-
-def random_alphanumeric(length: int) -> str:
-    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(length))
 
 
 def new_agent_key() -> bytes:
@@ -86,7 +80,7 @@ class AgentCipher:
 
 
 def new_consumer_address(agent: str) -> tuple[str, ChannelKey]:
-    segment = random_alphanumeric(SEGMENT_LENGTH)
+    segment = secure_alphanumerics(SEGMENT_LENGTH)
     address = f"{agent}.{segment}.{FEATURE_CHUNKED_STREAM:x}"
     return address, ChannelKey(agent, hashlib.md5(segment.encode("ascii")).digest())
 

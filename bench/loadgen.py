@@ -1,0 +1,754 @@
+"""The load generator behind ``bench/run.py``: one workload against one running server.
+
+``run.py`` starts it pinned to its own CPU (``taskset``) with a JSON job on the command line and
+reads one JSON result from stdout. It is meant to be cheap per event so that the server, not the
+harness, is the limit: raw asyncio protocols on uvloop, HTTP/1.1 requests written by hand,
+responses parsed only as far as needed (status line, ``Content-Length``, chunked framing).
+
+Workloads (``job["workload"]``):
+
+* ``throughput``: streaming readers on N channels, closed-loop keep-alive writers; acks/s,
+  deliveries/s, publish→deliver latency, lost events, server CPU per 1,000 events.
+* ``idle``: N idle streaming readers; server RSS growth per reader, then one event into every
+  channel and the time until every reader has it.
+* ``create``: closed-loop ``POST /create`` on keep-alive connections (megaphone only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import resource
+import sys
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+import uvloop
+
+now = time.perf_counter
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# (request bytes, tag) — the tag comes back with the response
+Request = tuple[bytes, int]
+Source = Callable[[], Request | None]
+Sink = Callable[[int, int, bytes, float], None]  # status, tag, body, round trip (s)
+
+
+# --- /proc sampling (synchronous helpers, called between phases) -----------------------------
+
+
+def proc_cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of the given processes (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def proc_rss_kib(pids: Sequence[int]) -> int:
+    """Resident set size (VmRSS) of the given processes, summed, in KiB."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """Busy time of the whole machine (all CPUs) from /proc/stat, in seconds.
+
+    user + nice + system + irq + softirq: what processes are charged for, softirq included (the
+    loopback networking done in a process's context counts as that process's system time).
+    """
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Sample:
+    wall: float
+    server_cpu: float
+    client_cpu: float
+    machine_cpu: float
+
+    @classmethod
+    def take(cls, pids: Sequence[int]) -> Sample:
+        return cls(now(), proc_cpu_seconds(pids), self_cpu_seconds(), machine_busy_seconds())
+
+
+def window(start: Sample, end: Sample) -> dict[str, float]:
+    """CPU use over a measured window, each in % of one core (100 = one CPU fully busy)."""
+    wall = end.wall - start.wall
+    server = end.server_cpu - start.server_cpu
+    client = end.client_cpu - start.client_cpu
+    others = max(0.0, end.machine_cpu - start.machine_cpu - server - client)
+    return {
+        "wall_s": wall,
+        "server_cpu_s": server,
+        "server_cpu_pct": 100 * server / wall,
+        "loadgen_cpu_pct": 100 * client / wall,
+        # everything else the machine ran meanwhile: noise, should be ~0
+        "other_cpu_pct": 100 * others / wall,
+    }
+
+
+def percentiles(samples: array[float] | list[float]) -> dict[str, float | None]:
+    """p50 / p99 / max in milliseconds (nearest rank)."""
+    if not samples:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None, "n": 0}
+    ordered = sorted(samples)
+    n = len(ordered)
+
+    def rank(q: float) -> float:
+        return ordered[min(n - 1, max(0, round(q * n) - 1))] * 1000
+
+    return {"p50_ms": rank(0.50), "p99_ms": rank(0.99), "max_ms": ordered[-1] * 1000, "n": n}
+
+
+# --- HTTP client pieces ---------------------------------------------------------------------
+
+
+class HttpConn(asyncio.Protocol):
+    """A keep-alive connection running a closed loop: request, response, next request.
+
+    ``source()`` gives the next request (or None: this connection is done); ``sink`` gets every
+    response. Only ``Content-Length`` responses are understood, which is all the targets send for
+    the requests made here.
+    """
+
+    def __init__(self, source: Source, sink: Sink) -> None:
+        self.source = source
+        self.sink = sink
+        self.buf = bytearray()
+        self.tag = 0
+        self.sent_at = 0.0
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def start(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        item = self.source()
+        if item is None:
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        data, self.tag = item
+        self.sent_at = now()
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).lower()
+            at = head.find(b"\r\ncontent-length:")
+            if at >= 0:
+                eol = head.find(b"\r\n", at + 2)
+                length = int(head[at + 17 : eol if eol >= 0 else len(head)])
+            elif b"transfer-encoding" in head:
+                self._fail(f"unsupported response framing: {head[:200]!r}")
+                return
+            else:
+                length = 0
+            total = end + 4 + length
+            if len(buf) < total:
+                return
+            status = int(head[9:12])
+            body = bytes(buf[end + 4 : total])
+            del buf[:total]
+            self.sink(status, self.tag, body, now() - self.sent_at)
+            self._next()
+
+    def _fail(self, reason: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(reason))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"connection lost mid-loop: {exc!r}"))
+
+
+async def connect(
+    host: str, port: int, connections: int, source: Source, sink: Sink
+) -> list[HttpConn]:
+    """Open ``connections`` keep-alive connections, idle until started."""
+    loop = asyncio.get_running_loop()
+    conns: list[HttpConn] = []
+    for _ in range(connections):
+        _, conn = await loop.create_connection(lambda: HttpConn(source, sink), host, port)
+        conns.append(conn)
+    return conns
+
+
+async def closed_loop(host: str, port: int, connections: int, source: Source, sink: Sink) -> None:
+    """Run ``connections`` keep-alive connections until ``source`` is exhausted."""
+    conns = await connect(host, port, connections, source, sink)
+    await drive(conns)
+
+
+async def drive(conns: list[HttpConn]) -> None:
+    """Start every connection's loop (all connected already) and wait until all are done."""
+    for conn in conns:
+        conn.start()
+    try:
+        await asyncio.gather(*(c.done for c in conns))
+    finally:
+        for c in conns:
+            if c.transport is not None:
+                c.transport.close()
+
+
+LinesCallback = Callable[["StreamReader", list[bytes], float], None]
+
+
+class StreamReader(asyncio.Protocol):
+    """One streaming read (``GET``): response head, then newline-separated events.
+
+    The body may be chunked (megaphone) or close-delimited (nchan's http-raw-stream); either way
+    ``on_lines`` gets the complete non-empty lines of every ``data_received`` call, with the time
+    they arrived.
+    """
+
+    def __init__(self, index: int, path: bytes, on_lines: LinesCallback) -> None:
+        self.index = index
+        self.request = b"GET %b HTTP/1.1\r\nHost: bench\r\n\r\n" % path
+        self.on_lines = on_lines
+        self.transport: asyncio.Transport | None = None
+        self.head = bytearray()
+        self.status = 0
+        self.in_body = False
+        self.chunked = False
+        self.cbuf = bytearray()  # undecoded chunked framing
+        self.remaining = 0  # chunk data bytes still to come
+        self.skip = 0  # CRLF bytes after a chunk still to skip
+        self.partial = b""  # an incomplete last line
+        self.ended = False  # the server ended the stream (last chunk / close)
+        self.lost = False  # the connection closed
+        self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        t = now()
+        if not self.in_body:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.head[:end]).lower()
+            self.status = int(head[9:12])
+            self.chunked = b"transfer-encoding: chunked" in head
+            data = bytes(self.head[end + 4 :])
+            self.head.clear()
+            self.in_body = True
+            if not self.ready.done():
+                self.ready.set_result(self.status)
+            if not data:
+                return
+        payload = self._dechunk(data) if self.chunked else data
+        if self.partial:
+            payload = self.partial + payload
+        lines = payload.split(b"\n")
+        self.partial = lines.pop()
+        lines = [line for line in lines if line]
+        if lines:
+            self.on_lines(self, lines, t)
+
+    def _dechunk(self, data: bytes) -> bytes:
+        buf = self.cbuf
+        buf += data
+        out: list[bytes] = []
+        pos = 0
+        size = len(buf)
+        while pos < size:
+            if self.remaining:
+                take = min(self.remaining, size - pos)
+                out.append(bytes(buf[pos : pos + take]))
+                pos += take
+                self.remaining -= take
+                if self.remaining:
+                    break
+                self.skip = 2
+            if self.skip:
+                take = min(self.skip, size - pos)
+                pos += take
+                self.skip -= take
+                if self.skip:
+                    break
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            length = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
+            pos = eol + 2
+            if length == 0:
+                self.ended = True
+                break
+            self.remaining = length
+        del buf[:pos]
+        return b"".join(out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"reader closed before its head: {exc!r}"))
+
+
+async def open_readers(
+    host: str, port: int, paths: Sequence[bytes], on_lines: LinesCallback, concurrency: int
+) -> list[StreamReader]:
+    """Open one reader per path (at most ``concurrency`` opening at once); wait for every head."""
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(concurrency)
+    readers: list[StreamReader] = []
+
+    async def one(index: int, path: bytes) -> None:
+        async with gate:
+            reader = StreamReader(index, path, on_lines)
+            await loop.create_connection(lambda: reader, host, port)
+            readers.append(reader)
+            status = await asyncio.wait_for(reader.ready, 30)
+            if status != 200:
+                raise ConnectionError(f"read {path!r} answered {status}")
+
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(paths)))
+    readers.sort(key=lambda r: r.index)
+    return readers
+
+
+def close_all(readers: Sequence[StreamReader]) -> None:
+    for reader in readers:
+        if reader.transport is not None:
+            reader.transport.abort()
+
+
+# --- targets --------------------------------------------------------------------------------
+
+
+@dataclass
+class Channel:
+    write_path: bytes
+    read_path: bytes
+
+
+async def make_channels(job: dict[str, Any], count: int, connections: int = 32) -> list[Channel]:
+    """megaphone: ``POST /create`` each; nchan: channels are just names."""
+    if job["target"] == "nchan":
+        tag = os.urandom(4).hex()
+        name = b"bench%s" % tag.encode()
+        return [Channel(b"/pub/%s%d" % (name, i), b"/sub/%s%d" % (name, i)) for i in range(count)]
+    channels: list[Channel] = []
+    failures: Counter[int] = Counter()
+    issued = 0
+    request = b"POST /create HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n\r\n"
+
+    def source() -> Request | None:
+        nonlocal issued
+        if issued >= count:
+            return None
+        issued += 1
+        return request, issued
+
+    def sink(status: int, tag: int, body: bytes, rtt: float) -> None:
+        if status != 200:
+            failures[status] += 1
+            return
+        created = orjson.loads(body)
+        channels.append(
+            Channel(
+                b"/write/%s/s" % created["producerAddress"].encode(),
+                b"/read/%s" % created["consumerAddress"].encode(),
+            )
+        )
+
+    await closed_loop(job["host"], job["port"], min(connections, count), source, sink)
+    if failures:
+        raise RuntimeError(f"channel creation failed: {dict(failures)}")
+    return channels
+
+
+def write_request(path: bytes, body: bytes) -> bytes:
+    return (
+        b"POST %b HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (path, len(body), body)
+    )
+
+
+async def scrape_metrics(job: dict[str, Any]) -> dict[str, float] | None:
+    """megaphone's own counters (``GET /metrics``), to cross-check the client's counts."""
+    if job["target"] != "megaphone":
+        return None
+    out: dict[str, float] = {}
+    sent = False
+
+    def source() -> Request | None:
+        nonlocal sent
+        if sent:
+            return None
+        sent = True
+        return b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n", 0
+
+    def sink(status: int, tag: int, body: bytes, rtt: float) -> None:
+        for line in body.decode().splitlines():
+            if line.startswith("megaphone_") and " " in line and "{" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+
+    await closed_loop(job["host"], job["port"], 1, source, sink)
+    return out
+
+
+# --- workload (a): throughput ---------------------------------------------------------------
+
+
+class Throughput:
+    """Closed-loop writers spread over the channels; readers check and time every event."""
+
+    def __init__(self, job: dict[str, Any], channels: list[Channel]) -> None:
+        self.channels = channels
+        self.wrapped = job["target"] == "megaphone"  # megaphone wraps the body in an event
+        self.pad = b"x" * job["pad_bytes"]
+        self.running = True
+        self.recording = False
+        self.seq = 0
+        self.acked = 0
+        self.acked_seqs: set[int] = set()
+        self.write_errors: Counter[int] = Counter()
+        self.ack_rtt: array[float] = array("d")
+        self.delivered = 0
+        self.delivered_seqs: set[int] = set()
+        self.duplicates = 0
+        self.misrouted = 0
+        self.unparseable = 0
+        self.latency: array[float] = array("d")
+
+    def next_write(self) -> Request | None:
+        if not self.running:
+            return None
+        seq = self.seq
+        self.seq = seq + 1
+        channel = self.channels[seq % len(self.channels)]
+        return write_request(channel.write_path, self.body(seq)), seq
+
+    def body(self, seq: int) -> bytes:
+        return b'{"seq":%d,"t":%.6f,"pad":"%b"}' % (seq, now(), self.pad)
+
+    def on_ack(self, status: int, seq: int, body: bytes, rtt: float) -> None:
+        if 200 <= status < 300:
+            self.acked += 1
+            self.acked_seqs.add(seq)
+            if self.recording:
+                self.ack_rtt.append(rtt)
+        else:
+            self.write_errors[status] += 1
+
+    def on_lines(self, reader: StreamReader, lines: list[bytes], t: float) -> None:
+        self.delivered += len(lines)
+        n = len(self.channels)
+        for line in lines:
+            try:
+                event = orjson.loads(line)
+                body = event["body"] if self.wrapped else event
+                seq: int = body["seq"]
+                sent: float = body["t"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                self.unparseable += 1
+                continue
+            if seq in self.delivered_seqs:
+                self.duplicates += 1
+            else:
+                self.delivered_seqs.add(seq)
+            if seq % n != reader.index:
+                self.misrouted += 1
+            if self.recording:
+                self.latency.append(t - sent)
+
+
+async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
+    host, port, pids = job["host"], job["port"], job["server_pids"]
+    channels = await make_channels(job, job["channels"])
+    load = Throughput(job, channels)
+    readers = await open_readers(host, port, [c.read_path for c in channels], load.on_lines, 100)
+    conns = await connect(host, port, job["writers"], load.next_write, load.on_ack)
+    writers = asyncio.ensure_future(drive(conns))
+    await asyncio.sleep(job["warmup_s"])
+    acked0, delivered0 = load.acked, load.delivered
+    start = Sample.take(pids)
+    load.recording = True
+    await asyncio.sleep(job["duration_s"])
+    load.recording = False
+    end = Sample.take(pids)
+    acked1, delivered1 = load.acked, load.delivered
+    load.running = False
+    await writers  # in-flight writes get their answers
+
+    # drain: wait for the stragglers, stop once complete or without progress for a while
+    drain_start = now()
+    last, last_change = -1, now()
+    while now() - drain_start < job["drain_s"] and not load.acked_seqs <= load.delivered_seqs:
+        if load.delivered != last:
+            last, last_change = load.delivered, now()
+        elif now() - last_change > 2.0:
+            break
+        await asyncio.sleep(0.05)
+    drained_in = now() - drain_start
+    metrics = await scrape_metrics(job)
+    lost = len(load.acked_seqs - load.delivered_seqs)
+    unacked_delivered = len(load.delivered_seqs - load.acked_seqs)
+    readers_gone = sum(r.lost or r.ended for r in readers)
+    close_all(readers)
+
+    stats = window(start, end)
+    acked, delivered = acked1 - acked0, delivered1 - delivered0
+    return {
+        **stats,
+        "channels": len(channels),
+        "writers": job["writers"],
+        "body_bytes": len(load.body(10**6)),
+        "acked_per_s": acked / stats["wall_s"],
+        "delivered_per_s": delivered / stats["wall_s"],
+        "server_cpu_ms_per_1k_events": (
+            1e6 * stats["server_cpu_s"] / delivered if delivered else None
+        ),
+        "latency": percentiles(load.latency),
+        "ack_rtt": percentiles(load.ack_rtt),
+        "total_acked": load.acked,
+        "total_delivered": load.delivered,
+        "lost": lost,
+        "delivered_but_not_acked": unacked_delivered,
+        "duplicates": load.duplicates,
+        "misrouted": load.misrouted,
+        "unparseable": load.unparseable,
+        "write_errors": {str(k): v for k, v in load.write_errors.items()},
+        "readers_ended_or_lost": readers_gone,
+        "drain_s": drained_in,
+        "server_metrics": metrics,
+    }
+
+
+# --- workload (b): idle readers, then one event each ----------------------------------------
+
+
+class FanOut:
+    """One event per channel; records when each reader gets its first one."""
+
+    def __init__(self, job: dict[str, Any], channels: list[Channel]) -> None:
+        self.channels = channels
+        self.wrapped = job["target"] == "megaphone"
+        self.pad = b"x" * job["pad_bytes"]
+        self.armed = False
+        self.next_index = 0
+        self.acked = 0
+        self.write_errors: Counter[int] = Counter()
+        self.got = bytearray(len(channels))
+        self.waiting = len(channels)
+        self.early = 0  # lines before the fan-out (there should be none)
+        self.extra = 0  # lines beyond the one expected per reader
+        self.last_at = 0.0
+        self.latency: array[float] = array("d")
+        self.all_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def next_write(self) -> Request | None:
+        index = self.next_index
+        if index >= len(self.channels):
+            return None
+        self.next_index = index + 1
+        body = b'{"seq":%d,"t":%.6f,"pad":"%b"}' % (index, now(), self.pad)
+        return write_request(self.channels[index].write_path, body), index
+
+    def on_ack(self, status: int, index: int, body: bytes, rtt: float) -> None:
+        if 200 <= status < 300:
+            self.acked += 1
+        else:
+            self.write_errors[status] += 1
+
+    def on_lines(self, reader: StreamReader, lines: list[bytes], t: float) -> None:
+        if not self.armed:
+            self.early += len(lines)
+            return
+        if self.got[reader.index]:
+            self.extra += len(lines)
+            return
+        self.got[reader.index] = 1
+        self.extra += len(lines) - 1
+        event = orjson.loads(lines[0])
+        body = event["body"] if self.wrapped else event
+        self.latency.append(t - body["t"])
+        self.last_at = t
+        self.waiting -= 1
+        if self.waiting == 0 and not self.all_in.done():
+            self.all_in.set_result(None)
+
+
+async def run_idle(job: dict[str, Any]) -> dict[str, Any]:
+    host, port, pids = job["host"], job["port"], job["server_pids"]
+    count = job["readers"]
+    t = now()
+    channels = await make_channels(job, count)
+    create_s = now() - t
+    fan = FanOut(job, channels)
+
+    gc.collect()
+    await asyncio.sleep(0.5)
+    rss_before = proc_rss_kib(pids)
+    t = now()
+    readers = await open_readers(
+        host, port, [c.read_path for c in channels], fan.on_lines, job["connect_concurrency"]
+    )
+    connect_s = now() - t
+    idle_start = Sample.take(pids)
+    await asyncio.sleep(job["settle_s"])
+    idle_end = Sample.take(pids)
+    rss_after = proc_rss_kib(pids)
+
+    writers = await connect(host, port, job["writers"], fan.next_write, fan.on_ack)
+    await asyncio.sleep(0.2)
+    fan.armed = True
+    start = Sample.take(pids)
+    t0 = now()
+    writes_timed_out = False
+    await drive(writers)  # the writers were connected beforehand: time the fan-out only
+    writes_s = now() - t0
+    try:
+        await asyncio.wait_for(asyncio.shield(fan.all_in), job["fanout_timeout_s"])
+    except TimeoutError:
+        writes_timed_out = True
+    end = Sample.take(pids)
+    await asyncio.sleep(0.2)  # let any duplicate arrive before counting
+    rss_end = proc_rss_kib(pids)
+    readers_gone = sum(r.lost or r.ended for r in readers)
+    metrics = await scrape_metrics(job)
+    close_all(readers)
+
+    return {
+        "readers": count,
+        "channel_setup_s": create_s,
+        "connect_s": connect_s,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": rss_after,
+        "rss_after_fanout_kib": rss_end,
+        "rss_per_reader_kib": (rss_after - rss_before) / count,
+        "idle": window(idle_start, idle_end),
+        "fanout_writers": job["writers"],
+        "fanout_all_delivered_s": (fan.last_at - t0) if not writes_timed_out else None,
+        "fanout_writes_acked_s": writes_s,
+        "fanout_received": count - fan.waiting,
+        "fanout_acked": fan.acked,
+        "fanout_timed_out": writes_timed_out,
+        "fanout_latency": percentiles(fan.latency),
+        "fanout": window(start, end),
+        "write_errors": {str(k): v for k, v in fan.write_errors.items()},
+        "early_lines": fan.early,
+        "extra_lines": fan.extra,
+        "readers_ended_or_lost": readers_gone,
+        "server_metrics": metrics,
+    }
+
+
+# --- workload (c): channel creation ---------------------------------------------------------
+
+
+async def run_create(job: dict[str, Any]) -> dict[str, Any]:
+    host, port, pids = job["host"], job["port"], job["server_pids"]
+    request = b"POST /create HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n\r\n"
+    running, recording = True, False
+    created = 0
+    failures: Counter[int] = Counter()
+    rtt_samples: array[float] = array("d")
+
+    def source() -> Request | None:
+        return (request, 0) if running else None
+
+    def sink(status: int, tag: int, body: bytes, rtt: float) -> None:
+        nonlocal created
+        if status == 200 and body.startswith(b"{"):
+            created += 1
+            if recording:
+                rtt_samples.append(rtt)
+        else:
+            failures[status] += 1
+
+    rss_before = proc_rss_kib(pids)
+    conns = await connect(host, port, job["connections"], source, sink)
+    loop_done = asyncio.ensure_future(drive(conns))
+    await asyncio.sleep(job["warmup_s"])
+    created0 = created
+    start = Sample.take(pids)
+    recording = True
+    await asyncio.sleep(job["duration_s"])
+    recording = False
+    end = Sample.take(pids)
+    created1 = created
+    running = False
+    await loop_done
+    rss_after = proc_rss_kib(pids)
+    metrics = await scrape_metrics(job)
+
+    stats = window(start, end)
+    n = created1 - created0
+    return {
+        **stats,
+        "connections": job["connections"],
+        "created_per_s": n / stats["wall_s"],
+        "server_cpu_ms_per_1k_creates": 1e6 * stats["server_cpu_s"] / n if n else None,
+        "latency": percentiles(rtt_samples),
+        "total_created": created,
+        "rss_per_channel_kib": (rss_after - rss_before) / created if created else None,
+        "failures": {str(k): v for k, v in failures.items()},
+        "server_metrics": metrics,
+    }
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+WORKLOADS = {"throughput": run_throughput, "idle": run_idle, "create": run_create}
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def main() -> None:
+    job: dict[str, Any] = json.loads(sys.argv[1])
+    raise_nofile()
+    result = uvloop.run(WORKLOADS[job["workload"]](job))
+    result["loadgen_cpus"] = sorted(os.sched_getaffinity(0))
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,759 @@
+"""Megaphone benchmark, with nchan (nginx, C) as the baseline, in one command.
+
+    .venv/bin/python bench/run.py [--quick] [--duration 10] [--targets megaphone,nchan]
+
+For every target and workload a fresh server is started pinned to CPU 0 (``taskset``), the load
+generator (``bench/loadgen.py``) runs pinned to CPU 1, the server is stopped by PID. The results
+are printed as a markdown table and written to ``bench/results/latest.json``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+SERVER_CPU = 0
+LOADGEN_CPU = 1
+WANTED_NOFILE = 200_000
+HARNESS_BOUND_PCT = 90.0  # load generator CPU share from which the harness is likely the limit
+NOISY_PCT = 10.0  # CPU share of other processes from which a figure is likely disturbed
+QUIET_PCT = 15.0  # background load under which the machine counts as quiet enough to start
+QUIET_WAIT_TOTAL = 60.0  # seconds of such waiting allowed over a whole run
+TARGETS = ("megaphone", "nchan")
+NCHAN_MODULE_DIRS = (Path("/usr/lib/nginx/modules"), Path("/usr/share/nginx/modules"))
+
+
+# --- environment ----------------------------------------------------------------------------
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE as far as allowed; children (servers, load generator) inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (WANTED_NOFILE, hard):
+        if limit == resource.RLIM_INFINITY or limit < soft:
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_busy_pct(seconds: float = 1.0) -> float:
+    """CPU busy on the whole machine (% of one core) over ``seconds``, from /proc/stat."""
+
+    def busy() -> int:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+
+    before, start = busy(), time.monotonic()
+    time.sleep(seconds)
+    after, wall = busy(), time.monotonic() - start
+    return 100 * (after - before) / os.sysconf("SC_CLK_TCK") / wall
+
+
+def git_state() -> str:
+    repo = BENCH.parent
+    head = command_output(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    dirty = command_output(["git", "-C", str(repo), "status", "--porcelain", "--", "src"])
+    changed = [line for line in dirty.splitlines() if line.strip() and dirty != "unknown"]
+    return f"{head} + {len(changed)} uncommitted change(s) under src/" if changed else head
+
+
+def command_output(cmd: list[str]) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (done.stdout + done.stderr).strip() or "unknown"
+
+
+def pinned(cpu: int) -> list[str]:
+    """``taskset -c <cpu>`` when pinning is possible (taskset present, enough CPUs)."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > max(SERVER_CPU, LOADGEN_CPU):
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} during startup")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"server not listening on {port} after {timeout}s")
+
+
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_bytes()
+            if int(stat.rsplit(b")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return sorted(out)
+
+
+def nofile_limit(pid: int) -> str:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return f"{soft}/{hard}"
+    return "unknown"
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment minus ``megaphone_*`` overrides, so every run uses the same settings."""
+    return {k: v for k, v in os.environ.items() if not k.lower().startswith("megaphone_")}
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    target: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    pids: list[int]  # processes whose CPU and RSS count as the server's
+    log: Path
+    nofile: str
+
+
+def megaphone_executable() -> str:
+    beside = Path(sys.executable).parent / "megaphone"
+    found = str(beside) if beside.exists() else shutil.which("megaphone")
+    if not found:
+        raise RuntimeError("the `megaphone` console script is not installed")
+    return found
+
+
+def start_megaphone(workdir: Path) -> Server:
+    port = free_port()
+    log = workdir / "megaphone.log"
+    cmd = [
+        *pinned(SERVER_CPU),
+        megaphone_executable(),
+        "--address",
+        f"127.0.0.1:{port}",
+        "--poll-duration-millis",
+        "600000",
+        "--log-level",
+        "warning",
+    ]
+    with open(log, "wb") as out:
+        # cwd = the temp dir, so no megaphone.{toml,yaml,json} from elsewhere is picked up
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=clean_env()
+        )
+    wait_listening(port, proc)
+    return Server("megaphone", proc, port, [proc.pid], log, nofile_limit(proc.pid))
+
+
+def nchan_module() -> Path | None:
+    for directory in NCHAN_MODULE_DIRS:
+        candidate = directory / "ngx_nchan_module.so"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def ensure_nchan(install: bool) -> str | None:
+    """None when nginx + nchan are usable, else why not (installs them with apt-get if allowed)."""
+    if shutil.which("nginx") and nchan_module():
+        return None
+    if not install:
+        return "nginx/nchan not installed (and --no-install given)"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "nginx/nchan not installed and cannot apt-get install them (need root + apt-get)"
+    print("installing nginx + libnginx-mod-nchan with apt-get ...", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "nginx", "libnginx-mod-nchan"],
+    ):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            return f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}"
+    if shutil.which("nginx") and nchan_module():
+        return None
+    return "installed nginx + libnginx-mod-nchan but ngx_nchan_module.so was not found"
+
+
+NGINX_CONF = """\
+load_module {module};
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+daemon off;
+master_process on;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{
+    worker_connections {connections};
+    multi_accept on;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+    client_body_buffer_size 16k;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        # publisher: POST a message; megaphone's POST /write/{{producer}}/{{stream}}
+        location ~ ^/pub/(\\w+)$ {{
+            nchan_publisher;
+            nchan_channel_id $1;
+            nchan_message_buffer_length 100;
+            nchan_message_timeout 10m;
+        }}
+        # subscriber: one message per line; megaphone's GET /read/{{consumer}}
+        location ~ ^/sub/(\\w+)$ {{
+            nchan_subscriber http-raw-stream;
+            nchan_channel_id $1;
+            nchan_subscriber_timeout 0;
+        }}
+    }}
+}}
+"""
+
+
+def start_nchan(workdir: Path) -> Server:
+    module = nchan_module()
+    if module is None:
+        raise RuntimeError("ngx_nchan_module.so not found")
+    port = free_port()
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            module=module,
+            dir=workdir,
+            port=port,
+            nofile=nofile,
+            connections=max(1024, nofile - 100),
+        )
+    )
+    log = workdir / "error.log"
+    cmd = [*pinned(SERVER_CPU), "nginx", "-e", str(log), "-p", str(workdir), "-c", str(conf)]
+    with open(workdir / "nginx.out", "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    wait_listening(port, proc)
+    workers: list[int] = []
+    deadline = time.monotonic() + 5
+    while not workers and time.monotonic() < deadline:
+        workers = child_pids(proc.pid)
+        time.sleep(0.05)
+    if not workers:
+        raise RuntimeError("nginx worker process not found")
+    server = Server("nchan", proc, port, [proc.pid, *workers], log, nofile_limit(workers[0]))
+    return server
+
+
+def stop(server: Server) -> tuple[list[str], float]:
+    """SIGTERM the server's main PID, SIGKILL after 10 s: problems noticed, seconds it took."""
+    problems: list[str] = []
+    started = time.monotonic()
+    if server.proc.poll() is not None:
+        problems.append(f"server had exited by itself (code {server.proc.returncode})")
+    else:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            problems.append("server ignored SIGTERM for 10 s; killed")
+            server.proc.kill()
+            server.proc.wait()
+        if server.proc.returncode not in (0, -signal.SIGTERM):
+            problems.append(f"server exited with code {server.proc.returncode} after SIGTERM")
+    for pid in server.pids[1:]:  # nginx workers go with their master
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    took = time.monotonic() - started
+    problems.extend(log_problems(server))
+    return problems, took
+
+
+def log_problems(server: Server) -> list[str]:
+    try:
+        lines = server.log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    if server.target == "nchan":
+        keep = ("[error]", "[crit]", "[alert]", "[emerg]")
+        lines = [line for line in lines if any(level in line for level in keep)]
+    # megaphone runs at --log-level warning: any output at all is worth a look
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        return []
+    shown = lines[:5] + ([f"... ({len(lines) - 5} more lines)"] if len(lines) > 5 else [])
+    return [f"{server.target} log: {line[:400]}" for line in shown]
+
+
+# --- workloads ------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    duration: float
+    readers: int
+    create_duration: float
+    pad_bytes: int = 160  # the body then weighs ~200 bytes
+
+    def jobs(self, target: str) -> dict[str, dict[str, Any]]:
+        jobs: dict[str, dict[str, Any]] = {
+            "throughput": {
+                "channels": 100,
+                "writers": 32,
+                "pad_bytes": self.pad_bytes,
+                "warmup_s": 1.0,
+                "duration_s": self.duration,
+                "drain_s": 5.0,
+            },
+            "idle": {
+                "readers": self.readers,
+                "connect_concurrency": 256,
+                "settle_s": 1.0,
+                "writers": 64,
+                "pad_bytes": self.pad_bytes,
+                "fanout_timeout_s": 60.0,
+            },
+        }
+        if target == "megaphone":  # nchan has nothing to create
+            jobs["create"] = {
+                "connections": 32,
+                "warmup_s": 0.5,
+                "duration_s": self.create_duration,
+            }
+        return jobs
+
+
+def run_loadgen(job: dict[str, Any]) -> dict[str, Any]:
+    cmd = [*pinned(LOADGEN_CPU), sys.executable, str(BENCH / "loadgen.py"), json.dumps(job)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if done.stderr.strip():
+        result["loadgen_stderr"] = done.stderr[-2000:]
+    return result
+
+
+class QuietGate:
+    """Before each workload, wait a little for other processes to leave the CPUs.
+
+    At most ``per_workload`` seconds each time and ``total`` seconds over the whole run, so a
+    machine that never calms down delays the run by a bounded amount.
+    """
+
+    def __init__(self, per_workload: float, total: float) -> None:
+        self.per_workload = per_workload
+        self.remaining = total
+
+    def wait(self) -> float:
+        """The background load (% of one core) seen last, after waiting."""
+        busy = machine_busy_pct(0.5)
+        budget = min(self.per_workload, self.remaining)
+        if busy < QUIET_PCT or budget <= 0:
+            return busy
+        print(f"  machine busy ({busy:.0f}% of one core), waiting ...", file=sys.stderr)
+        started = time.monotonic()
+        while busy >= QUIET_PCT and time.monotonic() - started < budget:
+            busy = machine_busy_pct(0.5)
+        self.remaining -= time.monotonic() - started
+        return busy
+
+
+def run_target(
+    target: str, start: Callable[[Path], Server], plan: Plan, gate: QuietGate
+) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for workload, params in plan.jobs(target).items():
+        background = gate.wait()
+        print(f"[{target}] {workload} ...", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"bench-{target}-") as tmp:
+            workdir = Path(tmp)
+            os.chmod(workdir, 0o755)
+            result: dict[str, Any] = {"error": "interrupted"}
+            server: Server | None = None
+            try:
+                server = start(workdir)
+                job = {
+                    **params,
+                    "workload": workload,
+                    "target": target,
+                    "host": "127.0.0.1",
+                    "port": server.port,
+                    "server_pids": server.pids,
+                }
+                result = run_loadgen(job)
+            except Exception as exc:
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            finally:
+                if server is not None:
+                    result["server_problems"], result["server_stop_s"] = stop(server)
+                    result["server_nofile"] = server.nofile
+                    result["server_pids"] = server.pids
+        result["background_cpu_pct_before"] = background
+        out[workload] = result
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+Getter = Callable[[dict[str, Any]], Any]
+
+
+def dig(*keys: str) -> Getter:
+    def get(result: dict[str, Any]) -> Any:
+        value: Any = result
+        for key in keys:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(key)
+        return value
+
+    return get
+
+
+# (workload, label, getter, better: "up" | "down" | "" (no ratio), decimals)
+ROWS: list[tuple[str, str, Getter, str, int]] = [
+    ("throughput", "writes acknowledged /s", dig("acked_per_s"), "up", 0),
+    ("throughput", "events delivered /s", dig("delivered_per_s"), "up", 0),
+    ("throughput", "publish→deliver p50 (ms)", dig("latency", "p50_ms"), "down", 2),
+    ("throughput", "publish→deliver p99 (ms)", dig("latency", "p99_ms"), "down", 2),
+    ("throughput", "publish→deliver max (ms)", dig("latency", "max_ms"), "down", 2),
+    ("throughput", "write ack round trip p50 (ms)", dig("ack_rtt", "p50_ms"), "down", 2),
+    ("throughput", "events lost (acked, never delivered)", dig("lost"), "", 0),
+    (
+        "throughput",
+        "write errors (non-2xx)",
+        lambda r: sum(r.get("write_errors", {}).values()),
+        "",
+        0,
+    ),
+    ("throughput", "server CPU (% of one core)", dig("server_cpu_pct"), "", 0),
+    ("throughput", "server CPU ms / 1,000 events", dig("server_cpu_ms_per_1k_events"), "down", 1),
+    ("throughput", "load generator CPU (% of one core)", dig("loadgen_cpu_pct"), "", 0),
+    ("throughput", "other processes CPU (% of one core)", dig("other_cpu_pct"), "", 0),
+    ("idle", "idle streaming readers", dig("readers"), "", 0),
+    ("idle", "server RSS growth per reader (KiB)", dig("rss_per_reader_kib"), "down", 2),
+    ("idle", "time to open all readers (s)", dig("connect_s"), "down", 2),
+    ("idle", "server CPU while idle (% of one core)", dig("idle", "server_cpu_pct"), "", 1),
+    ("idle", "fan-out: every reader has its event (s)", dig("fanout_all_delivered_s"), "down", 3),
+    ("idle", "fan-out latency p50 (ms)", dig("fanout_latency", "p50_ms"), "down", 1),
+    ("idle", "fan-out latency p99 (ms)", dig("fanout_latency", "p99_ms"), "down", 1),
+    ("idle", "fan-out server CPU ms / 1,000 events", lambda r: per_1k_fanout(r), "down", 1),
+    ("idle", "fan-out load generator CPU (% of one core)", dig("fanout", "loadgen_cpu_pct"), "", 0),
+    ("idle", "fan-out other processes CPU (% of one core)", dig("fanout", "other_cpu_pct"), "", 0),
+    ("create", "channels created /s", dig("created_per_s"), "up", 0),
+    ("create", "create round trip p50 (ms)", dig("latency", "p50_ms"), "down", 2),
+    ("create", "create round trip p99 (ms)", dig("latency", "p99_ms"), "down", 2),
+    ("create", "server CPU ms / 1,000 creates", dig("server_cpu_ms_per_1k_creates"), "down", 1),
+    ("create", "server RSS growth per channel (KiB)", dig("rss_per_channel_kib"), "down", 2),
+    ("create", "load generator CPU (% of one core)", dig("loadgen_cpu_pct"), "", 0),
+    ("create", "other processes CPU (% of one core)", dig("other_cpu_pct"), "", 0),
+]
+
+LOADGEN_ROWS = {"load generator CPU (% of one core)", "fan-out load generator CPU (% of one core)"}
+NOISE_ROWS = {"other processes CPU (% of one core)", "fan-out other processes CPU (% of one core)"}
+
+
+def per_1k_fanout(result: dict[str, Any]) -> float | None:
+    cpu = dig("fanout", "server_cpu_s")(result)
+    received = result.get("fanout_received")
+    if cpu is None or not received:
+        return None
+    return float(1e6 * cpu / received)
+
+
+def fmt(value: Any, decimals: int) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float | int):
+        return f"{value:,.{decimals}f}"
+    return str(value)
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> str:
+    baseline = "nchan" if "nchan" in targets and "megaphone" in targets else None
+    header = ["workload", "metric", *targets]
+    if baseline:
+        header += ["megaphone ÷ nchan", "better"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for workload, label, get, better, decimals in ROWS:
+        values: dict[str, Any] = {}
+        for target in targets:
+            result = results.get(target, {}).get(workload)
+            values[target] = None if result is None or "error" in result else get(result)
+        if all(v is None for v in values.values()):
+            continue
+        cells = [workload, label]
+        for target in targets:
+            cell = fmt(values[target], decimals)
+            if label in LOADGEN_ROWS and (values[target] or 0) >= HARNESS_BOUND_PCT:
+                cell += " ⚠ harness-bound"
+            if label in NOISE_ROWS and (values[target] or 0) >= NOISY_PCT:
+                cell += " ⚠ noisy"
+            cells.append(cell)
+        if baseline:
+            mine, theirs = values.get("megaphone"), values.get(baseline)
+            ratio = "—"
+            if better and isinstance(mine, int | float) and isinstance(theirs, int | float):
+                ratio = f"{mine / theirs:.2f}x" if theirs else "—"
+            cells += [ratio, {"up": "higher", "down": "lower"}.get(better, "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def median_merge(values: list[Any]) -> Any:
+    """Merge the passes of one workload: the median of every number, recursively."""
+    ok = [v for v in values if not (isinstance(v, dict) and "error" in v)] or values
+    if all(isinstance(v, dict) for v in ok):
+        keys = dict.fromkeys(k for v in ok for k in v)
+        return {k: median_merge([v[k] for v in ok if k in v]) for k in keys}
+    numbers = [v for v in ok if isinstance(v, int | float) and not isinstance(v, bool)]
+    if numbers and len(numbers) == len(ok):
+        return statistics.median(numbers)
+    if all(isinstance(v, list) for v in ok):
+        return [item for v in ok for item in v]
+    return next((v for v in ok if v is not None), None)
+
+
+def anomalies(passes: dict[str, list[dict[str, dict[str, Any]]]]) -> Iterator[str]:
+    for target, runs in passes.items():
+        for number, workloads in enumerate(runs, 1):
+            yield from pass_anomalies(
+                target, workloads, f" (pass {number})" if len(runs) > 1 else ""
+            )
+
+
+def pass_anomalies(target: str, workloads: dict[str, dict[str, Any]], tag: str) -> Iterator[str]:
+    for workload, r in workloads.items():
+        where = f"{target}/{workload}{tag}"
+        if "error" in r:
+            yield f"{where}: workload failed: {r['error']}"
+        for problem in r.get("server_problems", []):
+            yield f"{where}: {problem}"
+        for key in (
+            "lost",
+            "duplicates",
+            "misrouted",
+            "unparseable",
+            "delivered_but_not_acked",
+        ):
+            if r.get(key):
+                yield f"{where}: {key} = {r[key]}"
+        for key in ("write_errors", "failures"):
+            if r.get(key):
+                yield f"{where}: {key} = {r[key]}"
+        for key in ("readers_ended_or_lost", "early_lines", "extra_lines"):
+            if r.get(key):
+                yield f"{where}: {key} = {r[key]}"
+        if r.get("fanout_timed_out"):
+            yield (
+                f"{where}: fan-out timed out, {r.get('fanout_received')} of "
+                f"{r.get('readers')} readers got their event"
+            )
+        metrics = r.get("server_metrics") or {}
+        if workload == "throughput" and metrics:
+            received = metrics.get("megaphone_messages_received")
+            read = metrics.get("megaphone_messages_read")
+            acked, delivered = r.get("total_acked"), r.get("total_delivered")
+            if received is not None and received != acked:
+                yield f"{where}: server counted {received:.0f} received, client {acked} acked"
+            if read is not None and read != delivered:
+                yield f"{where}: server counted {read:.0f} read, client {delivered} delivered"
+        if r.get("loadgen_stderr"):
+            yield f"{where}: load generator stderr: {r['loadgen_stderr'][:300]}"
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="short run: 3 s, 1,000 idle readers")
+    parser.add_argument("--duration", type=float, default=None, help="throughput seconds (10)")
+    parser.add_argument("--readers", type=int, default=None, help="idle readers (10,000)")
+    parser.add_argument(
+        "--targets", default=",".join(TARGETS), help="comma-separated: megaphone,nchan"
+    )
+    parser.add_argument(
+        "--no-install", action="store_true", help="do not apt-get install nginx/nchan if missing"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="passes over every target and workload; the table shows the median (1)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=15.0,
+        help="before each workload wait up to this many seconds (60 s per run in all) for other "
+        "load to stop (15)",
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args(argv)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(args.targets) - set(TARGETS)
+    if unknown or not args.targets:
+        parser.error(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
+    plan = Plan(
+        duration=duration,
+        readers=args.readers if args.readers is not None else (1_000 if args.quick else 10_000),
+        create_duration=min(duration, 2.0 if args.quick else 5.0),
+    )
+    nofile = raise_nofile()
+    if not pinned(0):
+        print("warning: no CPU pinning (needs taskset and 2+ CPUs)", file=sys.stderr)
+    if nofile[0] < plan.readers + 1_000:
+        print(
+            f"warning: RLIMIT_NOFILE is {nofile[0]}, low for {plan.readers} readers",
+            file=sys.stderr,
+        )
+
+    background = machine_busy_pct()
+    if background > 10:
+        print(
+            f"warning: the machine is already {background:.0f}% busy (of one core) before the "
+            "run; other processes will disturb the figures",
+            file=sys.stderr,
+        )
+    started = dt.datetime.now(dt.UTC)
+    skipped: dict[str, str] = {}
+    if "nchan" in args.targets:
+        reason = ensure_nchan(install=not args.no_install)
+        if reason:
+            skipped["nchan"] = reason
+            print(f"skipping nchan: {reason}", file=sys.stderr)
+    ran = [t for t in args.targets if t not in skipped]
+    starters: dict[str, Callable[[Path], Server]] = {
+        "megaphone": start_megaphone,
+        "nchan": start_nchan,
+    }
+    passes: dict[str, list[dict[str, dict[str, Any]]]] = {t: [] for t in ran}
+    gate = QuietGate(args.quiet_wait, total=QUIET_WAIT_TOTAL)
+    for number in range(1, args.repeat + 1):
+        if args.repeat > 1:
+            print(f"pass {number}/{args.repeat}", file=sys.stderr)
+        for target in ran:  # passes interleave targets, so slow drifts hit both alike
+            passes[target].append(run_target(target, starters[target], plan, gate))
+    results = {
+        target: {workload: median_merge([run[workload] for run in runs]) for workload in runs[0]}
+        for target, runs in passes.items()
+    }
+    elapsed = (dt.datetime.now(dt.UTC) - started).total_seconds()
+
+    env: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "kernel": platform.release(),
+        "megaphone_source": git_state(),
+        "background_cpu_pct_before_run": round(background, 1),
+        "python": platform.python_version(),
+        "megaphone": command_output([megaphone_executable(), "--version"]),
+        "nginx": command_output(["nginx", "-v"]) if "nchan" in ran else None,
+        "nchan": (
+            command_output(["dpkg-query", "-W", "-f=${Version}", "libnginx-mod-nchan"])
+            if "nchan" in ran
+            else None
+        ),
+        "rlimit_nofile": list(nofile),
+        "server_cpu": SERVER_CPU if pinned(0) else None,
+        "loadgen_cpu": LOADGEN_CPU if pinned(0) else None,
+    }
+    found = list(anomalies(passes))
+    report: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed, 1),
+        "environment": env,
+        "plan": {**vars(plan), "repeat": args.repeat},
+        "skipped": skipped,
+        "results": results,  # the median over the passes, number by number
+        "passes": passes,
+        "anomalies": found,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(
+        f"\n{report['started']} · nproc {env['nproc']} · {env['cpu_model']} · "
+        f"server on CPU {env['server_cpu']}, load generator on CPU {env['loadgen_cpu']} · "
+        f"throughput {plan.duration:g} s · {plan.readers:,} idle readers · "
+        f"{'median of ' + str(args.repeat) + ' passes · ' if args.repeat > 1 else ''}"
+        f"run took {elapsed:.0f} s · megaphone {env['megaphone_source']} · "
+        f"background load before the run {background:.0f}% of one core\n"
+    )
+    print(table(results, ran))
+    for target, reason in skipped.items():
+        print(f"\n{target} skipped: {reason}")
+    if found:
+        print("\nAnomalies:")
+        for line in found:
+            print(f"- {line}")
+    print(f"\nfull results: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
