@@ -85,3 +85,15 @@ def test_kinds_are_not_interchangeable() -> None:
     ]:
         with pytest.raises(BadRequest):
             parse_consumer(bad)
+
+
+def test_remembered_producer_addresses_follow_key_changes() -> None:
+    book = AddressBook()
+    book.add(AgentCipher("a", new_agent_key()))
+    _, key = new_consumer_address("a")
+    producer = book.cipher("a").producer_address(key.digest)
+    assert book.producer(producer) == key
+    assert book.producer(producer) == key  # from the map this time
+    book.add(AgentCipher("a", new_agent_key()))  # the agent's key changed
+    with pytest.raises(BadRequest):
+        book.producer(producer)

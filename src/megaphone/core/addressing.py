@@ -106,13 +106,21 @@ def split_producer(address: str) -> tuple[str, str]:
 
 
 class AddressBook:
-    """Resolves addresses to channel keys with the agents' keys. Unknown agent → 404."""
+    """Resolves addresses to channel keys with the agents' keys. Unknown agent → 404.
+
+    Opened producer addresses are remembered (a bounded map), so a producer writing many events
+    pays for the AES-GCM decryption once, not per write.
+    """
+
+    CACHE_SIZE = 65_536
 
     def __init__(self) -> None:
         self._ciphers: dict[str, AgentCipher] = {}
+        self._opened: dict[str, ChannelKey] = {}
 
     def add(self, cipher: AgentCipher) -> None:
         self._ciphers[cipher.name] = cipher
+        self._opened.clear()  # a replaced key must not keep opening old addresses
 
     def cipher(self, agent: str) -> AgentCipher:
         try:
@@ -121,8 +129,15 @@ class AddressBook:
             raise NotFound(f"unknown agent {agent!r}") from None
 
     def producer(self, address: str) -> ChannelKey:
+        key = self._opened.get(address)
+        if key is not None:
+            return key
         agent, token = split_producer(address)
-        return ChannelKey(agent, self.cipher(agent).open(token))
+        key = ChannelKey(agent, self.cipher(agent).open(token))
+        if len(self._opened) >= self.CACHE_SIZE:
+            self._opened.clear()
+        self._opened[address] = key
+        return key
 
     def consumer(self, address: str) -> ChannelKey:
         key = parse_consumer(address)
