@@ -30,6 +30,7 @@ class Node:
             [MEGAPHONE, *args], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
         )
         assert self.process.stderr is not None
+        self.terminated = False
         self.lines: list[str] = []
         for line in self.process.stderr:
             self.lines.append(line)
@@ -47,9 +48,14 @@ class Node:
         for line in self.process.stderr:
             self.lines.append(line)
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """One SIGTERM (a second one during shutdown would rightly kill the process)."""
+        if not self.terminated:
+            self.terminated = True
             self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        self.terminate()
         code = self.process.wait(timeout=15)
         self.close()
         return code
@@ -97,7 +103,7 @@ def test_sigterm_ends_open_reads_and_exits(tmp_path: Path, nodes: list[Node]) ->
         with http.stream("GET", f"/read/{channel['consumerAddress']}") as stream:
             lines = stream.iter_lines()
             assert json.loads(next(lines))["body"] == 1
-            node.process.send_signal(signal.SIGTERM)
+            node.terminate()
             assert list(lines) == []  # the stream ends cleanly (last chunk), no error
     assert node.stop() == 0
     assert any("shutting down" in line for line in node.lines)

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("megaphone.http")
 
 MAX_PIPELINE = 32
+HEAD_SLACK = 64  # request line and blank line framing, on top of the target and header limits
+LINGER_SECONDS = 5.0  # the most we keep draining a client after refusing its request
 
 
 class HttpLimits:
@@ -109,7 +111,9 @@ class NdjsonStream:
 
     def _start(self) -> None:
         self._started = True
-        self.protocol.write(wire.stream_head(chunked=self.chunked))
+        # a chunked stream on a connection that closes afterwards says so up front
+        extra = b"" if self.keep_alive or not self.chunked else b"connection: close\r\n"
+        self.protocol.write(wire.stream_head(chunked=self.chunked, extra=extra))
 
     def deliver(self, lines: list[bytes]) -> None:
         if not self._started:
@@ -162,10 +166,15 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.request: Request | None = None
         self._url: list[bytes] = []
+        self._url_bytes = 0
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_size = 0
         self._parse_error: MegaphoneError | None = None
+        self._in_head = False  # between a request's first byte and the end of its headers
+        self._head_received = 0  # bytes received while a head was incomplete
+        self._continue_pending = False  # a 100 Continue owed once the requests before are done
+        self._fatal_error: MegaphoneError | None = None  # answered once the queue is done
         self.queue: deque[Request] = deque()
         self.busy = False
         self.task: asyncio.Task[object] | None = None
@@ -175,6 +184,7 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = False
         self.close_when_idle = False
         self.timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
 
     # --- transport events -------------------------------------------------------------------
 
@@ -187,6 +197,8 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = True
         self.state.remove(self)
         self._disarm()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
         if self.stream is not None:
             self.stream.abort()
             self.stream = None
@@ -195,6 +207,8 @@ class HttpProtocol(asyncio.Protocol):
         self.queue.clear()
 
     def eof_received(self) -> bool | None:
+        if self.closed:
+            return False  # we were only draining (see close)
         if self.stream is not None:
             # a reader that hung up: stop taking events out of its channel now
             self.stream.abort()
@@ -207,9 +221,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        # a client that takes nothing for a whole request timeout is gone or hostile
+        self._stall_timer = self.loop.call_later(self.limits.request_timeout, self._write_stalled)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self.stream is not None:
             if self.stream.subscription is not None:
                 self.stream.subscription.resume()
@@ -217,6 +236,9 @@ class HttpProtocol(asyncio.Protocol):
             self._process_queue()
 
     def data_received(self, data: bytes) -> None:
+        if self._fatal_error is not None:
+            return  # the byte stream is unusable: what follows is dropped
+        head_before = self.request if self._in_head else None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -226,6 +248,14 @@ class HttpProtocol(asyncio.Protocol):
             error = self._parse_error or BadRequest(f"malformed HTTP request: {exc}")
             self._fatal(error)
             return
+        if self._in_head and self.request is head_before:
+            # all of ``data`` belongs to a head that is still incomplete. httptools buffers a
+            # header line until it ends, so on_header cannot count a line that never ends:
+            # count the raw bytes instead
+            self._head_received += len(data)
+            if self._head_received > self.limits.max_url + self.limits.max_headers + HEAD_SLACK:
+                self._fatal(HeadersTooLarge(f"headers larger than {self.limits.max_headers} bytes"))
+                return
         self._process_queue()
         if len(self.queue) >= MAX_PIPELINE and not self.reading_paused and self.transport:
             self.reading_paused = True
@@ -236,16 +266,20 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.request = Request()
         self._url = []
+        self._url_bytes = 0
         self._header_bytes = 0
         self._body = []
         self._body_size = 0
+        self._in_head = True
+        self._head_received = 0
+        self._continue_pending = False
         if not self.busy:
             self._arm(self.limits.request_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
-        self._header_bytes += len(url)
-        if self._header_bytes > self.limits.max_url:
+        self._url_bytes += len(url)
+        if self._url_bytes > self.limits.max_url:
             self._raise(UriTooLong(f"request target longer than {self.limits.max_url} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -258,6 +292,7 @@ class HttpProtocol(asyncio.Protocol):
         headers[key] = headers[key] + b", " + value if key in headers else value
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         request = self.request
         assert request is not None
         request.method = self.parser.get_method()
@@ -276,8 +311,11 @@ class HttpProtocol(asyncio.Protocol):
         if expect is not None:
             if expect.lower() != b"100-continue":
                 self._raise(BadRequest("unsupported Expect header"))
-            if not request.http10 and not self.busy and not self.queue:
-                self.write(wire.CONTINUE)
+            if not request.http10:
+                # not in the middle of an earlier response: owed until the queue is done
+                self._continue_pending = True
+                if not self.busy and not self.queue:
+                    self._send_continue()
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -291,8 +329,13 @@ class HttpProtocol(asyncio.Protocol):
         request.body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
         self._body = []
         self.request = None
+        self._continue_pending = False  # the body came anyway
         self.queue.append(request)
         self._disarm()
+
+    def _send_continue(self) -> None:
+        self._continue_pending = False
+        self.write(wire.CONTINUE)
 
     def _raise(self, error: MegaphoneError) -> NoReturn:
         self._parse_error = error
@@ -305,14 +348,26 @@ class HttpProtocol(asyncio.Protocol):
             self._handle(self.queue.popleft())
         if self.busy or self.closed:
             return
-        if self.reading_paused and len(self.queue) < MAX_PIPELINE and self.transport:
+        if (
+            self.reading_paused
+            and len(self.queue) < MAX_PIPELINE
+            and self._fatal_error is None
+            and self.transport
+        ):
             self.reading_paused = False
             self.transport.resume_reading()
         if not self.queue:
-            if self.close_when_idle or self.state.shutting_down:
+            if self._fatal_error is not None:
+                self._send_error(None, self._fatal_error)
+            elif self.close_when_idle or self.state.shutting_down:
                 self.close()
             elif self.request is None:
                 self._arm(self.limits.keepalive_timeout)
+            else:  # a request is arriving; it may have begun while we were busy
+                if self._continue_pending:
+                    self._send_continue()
+                if self.timer is None:
+                    self._arm(self.limits.request_timeout)
 
     def _handle(self, request: Request) -> None:
         try:
@@ -363,6 +418,7 @@ class HttpProtocol(asyncio.Protocol):
                 content_type=content_type,
                 keep_alive=keep_alive,
                 http10=request.http10,
+                head=request.method == b"HEAD",
             )
         )
         if not keep_alive:
@@ -381,21 +437,21 @@ class HttpProtocol(asyncio.Protocol):
             )
         keep_alive = request is not None and self._keep_alive(request)
         http10 = request is not None and request.http10
-        self.write(wire.error_response(error, keep_alive=keep_alive, http10=http10))
+        head = request is not None and request.method == b"HEAD"
+        self.write(wire.error_response(error, keep_alive=keep_alive, http10=http10, head=head))
         if not keep_alive:
             self.close()
 
     def _fatal(self, error: MegaphoneError) -> None:
-        """The byte stream is unusable (bad framing, limit hit): answer once and close."""
-        self.queue.clear()
+        """The byte stream is unusable (bad framing, limit hit): answer the complete requests
+        before it, then this error, then close."""
+        self._fatal_error = error
         self.request = None
-        if self.busy:
-            self.close_when_idle = True  # the in-flight answer goes out first, then we close
-            if self.transport is not None and not self.reading_paused:
-                self.reading_paused = True
-                self.transport.pause_reading()
-            return
-        self._send_error(None, error)
+        self._continue_pending = False
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._process_queue()
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -461,9 +517,21 @@ class HttpProtocol(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         self.closed = True
-        self.transport.close()
         transport = self.transport
         self._disarm()
+        if self._fatal_error is not None and transport.can_write_eof():
+            # the client may still be sending (a refused body, a header that never ends):
+            # closing with unread input makes the kernel send a reset, which can destroy our
+            # answer before the client reads it. Shut down our side and drop what still comes
+            # until the client closes (eof_received), for a short while at most.
+            transport.write_eof()
+            if self.reading_paused:
+                self.reading_paused = False
+                transport.resume_reading()
+            linger = min(self.limits.request_timeout, LINGER_SECONDS)
+            self.timer = self.loop.call_later(linger, transport.abort)
+            return
+        transport.close()
         self.timer = self.loop.call_later(self.limits.request_timeout, transport.abort)
 
     def shutdown(self) -> None:
@@ -484,6 +552,12 @@ class HttpProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _write_stalled(self) -> None:
+        self._stall_timer = None
+        log.info("client stopped reading: connection dropped")
+        if self.transport is not None:
+            self.transport.abort()
 
     def _on_timeout(self) -> None:
         self.timer = None

@@ -23,8 +23,10 @@ def response(
     keep_alive: bool = True,
     http10: bool = False,
     extra: bytes = b"",
+    head: bool = False,
 ) -> bytes:
-    """A complete response with a Content-Length body."""
+    """A complete response with a Content-Length body (only the headers if ``head``: the answer
+    to a HEAD request announces the body's length but must not carry it)."""
     connection = b""
     if not keep_alive:
         connection = b"connection: close\r\n"
@@ -36,13 +38,17 @@ def response(
         len(body),
         connection,
         extra,
-        body,
+        b"" if head else body,
     )
 
 
-def error_response(error: MegaphoneError, *, keep_alive: bool, http10: bool = False) -> bytes:
+def error_response(
+    error: MegaphoneError, *, keep_alive: bool, http10: bool = False, head: bool = False
+) -> bytes:
     extra = b"allow: %b\r\n" % error.allow.encode() if error.allow else b""
-    return response(error.status, error.body(), keep_alive=keep_alive, http10=http10, extra=extra)
+    return response(
+        error.status, error.body(), keep_alive=keep_alive, http10=http10, extra=extra, head=head
+    )
 
 
 def stream_head(*, chunked: bool, content_type: bytes = NDJSON, extra: bytes = b"") -> bytes:
