@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     request_timeout_millis: int = Field(default=30_000, gt=0)
     keepalive_timeout_millis: int = Field(default=75_000, gt=0)
     webhook_timeout_millis: int = Field(default=5_000, gt=0)
+    replay_window_size: int = Field(default=100, ge=0)
+    max_channels: int = Field(default=1_000_000, gt=0)
+    max_batch_messages: int = Field(default=1_000, gt=0)
+    max_batch_channels: int = Field(default=1_000, gt=0)
+    producer_token: SecretStr | None = None
+    cors_allowed_origins: list[str] = Field(default_factory=lambda: ["*"])
+    shutdown_grace_millis: int = Field(default=10_000, ge=0)
     webhooks: dict[str, Webhook] = Field(default_factory=dict)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -103,6 +110,13 @@ class Settings(BaseSettings):
         for name in names:
             if not AGENT_NAME_RE.match(name):
                 raise ValueError(f"agent name {name!r} must match [A-Za-z0-9_-]+")
+        return value
+
+    @field_validator("producer_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None  # an empty token means "no token"
         return value
 
     @property

@@ -5,16 +5,19 @@ and its wire code, so the HTTP layer translates it once into ``{"code": ..., "me
 
     MegaphoneError
     ├── BadRequest            400 BAD_REQUEST
+    ├── Unauthorized          401 UNAUTHORIZED
     ├── NotFound              404 NOT_FOUND
     ├── MethodNotAllowed      405 METHOD_NOT_ALLOWED
     ├── RequestTimeout        408 REQUEST_TIMEOUT
     ├── Busy                  409 BUSY
     ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
+    ├── BatchTooLarge         413 BATCH_TOO_LARGE
     ├── UriTooLong            414 URI_TOO_LONG
     ├── HeadersTooLarge       431 HEADERS_TOO_LARGE
     ├── WriteTimeout          503 TIMEOUT
     ├── Skipped               503 SKIPPED   (write-batch only, as a failure reason)
     ├── Unavailable           503 UNAVAILABLE
+    ├── ChannelLimit          503 CHANNEL_LIMIT
     └── InternalError         500 INTERNAL_SERVER_ERROR
 """
 
@@ -38,9 +41,20 @@ class MegaphoneError(Exception):
     def body(self) -> bytes:
         return orjson.dumps({"code": self.code, "message": self.message})
 
+    def headers(self) -> bytes:
+        """Extra response headers this error needs (``Allow``, ``WWW-Authenticate``)."""
+        return b"allow: %b\r\n" % self.allow.encode() if self.allow else b""
+
 
 class BadRequest(MegaphoneError):
     status, code, default_message = 400, "BAD_REQUEST", "bad request"
+
+
+class Unauthorized(MegaphoneError):
+    status, code, default_message = 401, "UNAUTHORIZED", "a valid bearer token is required"
+
+    def headers(self) -> bytes:
+        return b'www-authenticate: Bearer realm="megaphone"\r\n'
 
 
 class NotFound(MegaphoneError):
@@ -63,6 +77,10 @@ class PayloadTooLarge(MegaphoneError):
     status, code, default_message = 413, "PAYLOAD_TOO_LARGE", "request body too large"
 
 
+class BatchTooLarge(MegaphoneError):
+    status, code, default_message = 413, "BATCH_TOO_LARGE", "write-batch too large"
+
+
 class UriTooLong(MegaphoneError):
     status, code, default_message = 414, "URI_TOO_LONG", "request target too long"
 
@@ -83,13 +101,19 @@ class Unavailable(MegaphoneError):
     status, code, default_message = 503, "UNAVAILABLE", "service unavailable"
 
 
+class ChannelLimit(MegaphoneError):
+    status, code, default_message = 503, "CHANNEL_LIMIT", "this node holds its maximum of channels"
+
+
 class InternalError(MegaphoneError):
     pass
 
 
 __all__ = [
     "BadRequest",
+    "BatchTooLarge",
     "Busy",
+    "ChannelLimit",
     "HeadersTooLarge",
     "InternalError",
     "MegaphoneError",
@@ -98,6 +122,7 @@ __all__ = [
     "PayloadTooLarge",
     "RequestTimeout",
     "Skipped",
+    "Unauthorized",
     "Unavailable",
     "UriTooLong",
     "WriteTimeout",

@@ -17,6 +17,7 @@ _COUNTERS = {
     "channel_disposed": "Channels deleted (expired or disposed)",
     "messages_received": "Events accepted by write or write-batch",
     "messages_read": "Events sent to readers",
+    "messages_replayed": "Sent events sent again to a resuming reader",
     "messages_unroutable": "Events written to an unknown channel",
     "messages_lost": "Events deleted with their channel before being read",
 }
@@ -31,6 +32,7 @@ class Metrics:
         "messages_lost",
         "messages_read",
         "messages_received",
+        "messages_replayed",
         "messages_unroutable",
     )
 
@@ -39,6 +41,7 @@ class Metrics:
         self.channel_disposed = 0
         self.messages_received = 0
         self.messages_read = 0
+        self.messages_replayed = 0
         self.messages_unroutable = 0
         self.messages_lost = 0
         self._registry = CollectorRegistry(auto_describe=True)

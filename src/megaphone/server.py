@@ -32,6 +32,7 @@ class MegaphoneServer:
         self.store = MemoryStore(
             metrics=self.metrics,
             capacity=settings.channel_buffer_size,
+            replay_size=settings.replay_window_size,
             ttl=settings.channel_ttl_millis / 1000,
         )
         self.webhooks = WebhookNotifier(settings.webhooks, settings.webhook_timeout_millis / 1000)
@@ -39,7 +40,14 @@ class MegaphoneServer:
             settings, self.store, self.registry, self.metrics, self.webhooks.channels_deleted
         )
         self.http = HttpServerState(
-            Api(self.broker, self.metrics),
+            Api(
+                self.broker,
+                self.metrics,
+                producer_token=(
+                    settings.producer_token.get_secret_value() if settings.producer_token else None
+                ),
+                cors_origins=settings.cors_allowed_origins,
+            ),
             self.broker,
             HttpLimits(
                 max_url=settings.max_url_bytes,
@@ -70,12 +78,15 @@ class MegaphoneServer:
             extra={"address": f"{host}:{self.port}", "agents": ",".join(self.settings.agents)},
         )
 
-    async def aclose(self, grace: float = 5.0) -> None:
+    async def aclose(self, grace: float | None = None) -> None:
         """Stop accepting, end open reads cleanly, let in-flight requests finish (``grace`` s)."""
         if self._closed:
             return
         self._closed = True
+        if grace is None:
+            grace = self.settings.shutdown_grace_millis / 1000
         self.http.shutting_down = True
+        self.broker.draining = True
         if self._server is not None:
             self._server.close()
         for connection in list(self.http.connections):

@@ -15,7 +15,15 @@ from megaphone.config import Settings
 from megaphone.core.addressing import new_consumer_address
 from megaphone.core.agents import AgentRegistry
 from megaphone.core.events import Event, make_event
-from megaphone.errors import BadRequest, MegaphoneError, Skipped, WriteTimeout
+from megaphone.errors import (
+    BadRequest,
+    BatchTooLarge,
+    ChannelLimit,
+    MegaphoneError,
+    Skipped,
+    Unavailable,
+    WriteTimeout,
+)
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelStore, ReadSink, Subscription
 
@@ -41,6 +49,7 @@ class Broker:
         self.on_deleted = on_deleted
         self.write_timeout = settings.write_timeout_millis / 1000
         self.poll_duration = settings.poll_duration_millis / 1000
+        self.draining = False  # shutting down: not ready for new work
 
     def check_stream_id(self, stream_id: str) -> None:
         if not stream_id:
@@ -60,6 +69,10 @@ class Broker:
                 )
         else:
             chosen = list(SUPPORTED_PROTOCOLS)
+        if self.store.count() >= self.settings.max_channels:
+            raise ChannelLimit(
+                f"this node holds its maximum of {self.settings.max_channels} channels"
+            )
         agent = self.registry.pick_master()
         consumer, key = new_consumer_address(agent.name)
         await self.store.create(key, consumer)
@@ -79,6 +92,14 @@ class Broker:
     async def write_batch(
         self, channels: Sequence[str], messages: Sequence[tuple[str, Any]]
     ) -> list[dict[str, Any]]:
+        if len(messages) > self.settings.max_batch_messages:
+            raise BatchTooLarge(
+                f"{len(messages)} messages; at most {self.settings.max_batch_messages} per batch"
+            )
+        if len(channels) > self.settings.max_batch_channels:
+            raise BatchTooLarge(
+                f"{len(channels)} channels; at most {self.settings.max_batch_channels} per batch"
+            )
         for stream_id, _ in messages:
             self.check_stream_id(stream_id)
         events = [make_event(stream_id, body) for stream_id, body in messages]
@@ -106,9 +127,22 @@ class Broker:
                 timed_out = isinstance(exc, WriteTimeout)
         return failures
 
-    async def attach(self, consumer: str, sink: ReadSink) -> Subscription:
+    async def attach(self, consumer: str, sink: ReadSink, after: str | None = None) -> Subscription:
+        """Attach a reader; ``after`` is its resume cursor (the last eid it received)."""
         key = self.registry.addresses.consumer(consumer)
-        return await self.store.attach(key, sink)
+        return await self.store.attach(key, sink, after)
+
+    def ready(self) -> str | None:
+        """Why this node cannot create channels now, or None when it can."""
+        if self.draining:
+            return "shutting down"
+        try:
+            self.registry.pick_master()
+        except Unavailable as exc:
+            return exc.message
+        if self.store.count() >= self.settings.max_channels:
+            return "channel limit reached"
+        return None
 
     async def exists(self, addresses: Sequence[str]) -> dict[str, bool]:
         out: dict[str, bool] = {}

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from megaphone.errors import BadRequest
+
 EVENT_ID_LENGTH = 23
 _ALNUM = (string.ascii_letters + string.digits).encode("ascii")
 # bytes 0..247 map onto the 62 alphanumerics without bias (248 = 4 * 62); 248..255 are dropped.
@@ -66,9 +68,13 @@ class Event(NamedTuple):
 
 
 def make_event(stream_id: str, body: Any) -> Event:
+    """Serialise one event; a body orjson cannot write back (nested deeper than 254) is 400."""
     eid = new_event_id()
-    line = orjson.dumps(
-        {"sid": stream_id, "eid": eid, "ts": _clock.now(), "body": body},
-        option=orjson.OPT_APPEND_NEWLINE,
-    )
+    try:
+        line = orjson.dumps(
+            {"sid": stream_id, "eid": eid, "ts": _clock.now(), "body": body},
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+    except orjson.JSONEncodeError as exc:
+        raise BadRequest(f"event body cannot be serialised: {exc}") from None
     return Event(eid, line)

@@ -5,28 +5,35 @@ Routing and bodies only; framing, keep-alive and streaming live in :mod:`megapho
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from megaphone.core.broker import Broker
-from megaphone.errors import BadRequest, MethodNotAllowed, NotFound
+from megaphone.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized, Unavailable
+from megaphone.metrics import CONTENT_TYPE as METRICS_TYPE
 from megaphone.metrics import Metrics
 
 log = logging.getLogger("megaphone.http")
 M = TypeVar("M", bound=BaseModel)
 
+JSON = b"application/json"
 OK = orjson.dumps({"status": "OK"})
+MAX_CURSOR_LENGTH = 256
+CORS_METHODS = b"GET, POST, OPTIONS"
+CORS_HEADERS = b"authorization, content-type, last-event-id"
 
 
 class Request:
-    __slots__ = ("body", "headers", "http10", "keep_alive", "method", "path", "query")
+    __slots__ = ("body", "cors", "headers", "http10", "keep_alive", "method", "path", "query")
 
     def __init__(self) -> None:
+        self.cors = b""  # CORS response headers for this request's origin
         self.method = b""
         self.path = b""
         self.query = b""
@@ -39,13 +46,14 @@ class Request:
 class ReadRequest:
     """A handler's answer meaning "stream this channel to the client"."""
 
-    __slots__ = ("consumer",)
+    __slots__ = ("after", "consumer")
 
-    def __init__(self, consumer: str) -> None:
+    def __init__(self, consumer: str, after: str | None) -> None:
         self.consumer = consumer
+        self.after = after
 
 
-Reply = tuple[int, bytes, bytes]  # status, body, content type
+Reply = tuple[int, bytes, bytes, bytes]  # status, body, content type, extra headers
 Result = Reply | ReadRequest
 Handler = Callable[[Request, list[str]], Coroutine[Any, Any, Result]]
 
@@ -101,25 +109,97 @@ def decode_segment(raw: str) -> str:
         raise BadRequest("path segment is not valid UTF-8") from None
 
 
+# --- cross-cutting: CORS, auth, cursors --------------------------------------------------------
+
+
+class Cors:
+    """CORS for browser clients: ``cors_allowed_origins`` (``*`` = any origin, no credentials)."""
+
+    def __init__(self, origins: list[str]) -> None:
+        self.any = "*" in origins
+        self.origins = {o.encode() for o in origins if o != "*"}
+
+    def headers(self, request: Request) -> bytes:
+        origin = request.headers.get(b"origin")
+        if origin is None:
+            return b""
+        if self.any:
+            allowed = b"*"
+        elif origin in self.origins:
+            allowed = origin
+        else:
+            return b""
+        return (
+            b"access-control-allow-origin: %b\r\nvary: origin\r\n"
+            b"access-control-expose-headers: megaphone-resume\r\n" % allowed
+        )
+
+    def preflight(self, request: Request) -> Reply:
+        """The answer to ``OPTIONS``: a CORS preflight when the origin is allowed."""
+        extra = b"allow: %b\r\n" % CORS_METHODS
+        if request.cors and b"access-control-request-method" in request.headers:
+            extra += (
+                b"access-control-allow-methods: %b\r\naccess-control-allow-headers: %b\r\n"
+                b"access-control-max-age: 86400\r\n" % (CORS_METHODS, CORS_HEADERS)
+            )
+        return 204, b"", JSON, extra
+
+
+def check_bearer(request: Request, token: bytes) -> None:
+    supplied = request.headers.get(b"authorization", b"")
+    scheme, _, value = supplied.partition(b" ")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), token):
+        raise Unauthorized("a valid bearer token is required for producer endpoints")
+
+
+def read_cursor(request: Request) -> str | None:
+    """The resume cursor: `Last-Event-ID` (what EventSource sends on reconnect), else `?after=`."""
+    raw = request.headers.get(b"last-event-id")
+    if raw is None and request.query:
+        for name, value in parse_qsl(request.query.decode("latin-1"), keep_blank_values=True):
+            if name == "after":
+                raw = value.encode("latin-1")
+    if not raw:
+        return None
+    if len(raw) > MAX_CURSOR_LENGTH:
+        raise BadRequest(f"resume cursor longer than {MAX_CURSOR_LENGTH} bytes")
+    try:
+        return unquote_to_bytes(raw).decode("utf-8") if b"%" in raw else raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("resume cursor is not valid UTF-8") from None
+
+
 # --- the endpoints ----------------------------------------------------------------------------
 
 
 class Api:
-    def __init__(self, broker: Broker, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        metrics: Metrics,
+        *,
+        producer_token: str | None = None,
+        cors_origins: list[str] | None = None,
+    ) -> None:
         self.broker = broker
         self.metrics = metrics
-        # path head → ({method: handler}, number of parameters)
-        self.routes: dict[str, tuple[dict[bytes, Handler], int]] = {
-            "create": ({b"POST": self.create}, 0),
-            "write": ({b"POST": self.write}, 2),
-            "write-batch": ({b"POST": self.write_batch}, 0),
-            "read": ({b"GET": self.read}, 1),
-            "channelsExists": ({b"POST": self.channels_exists}, 0),
-            "metrics": ({b"GET": self.render_metrics}, 0),
+        self.token = producer_token.encode() if producer_token else None
+        self.cors = Cors(cors_origins if cors_origins is not None else ["*"])
+        # path head → ({method: handler}, number of parameters, needs the producer token)
+        self.routes: dict[str, tuple[dict[bytes, Handler], int, bool]] = {
+            "create": ({b"POST": self.create}, 0, True),
+            "write": ({b"POST": self.write}, 2, True),
+            "write-batch": ({b"POST": self.write_batch}, 0, True),
+            "read": ({b"GET": self.read}, 1, False),
+            "channelsExists": ({b"POST": self.channels_exists}, 0, True),
+            "metrics": ({b"GET": self.render_metrics}, 0, False),
+            "healthz": ({b"GET": self.healthz}, 0, False),
+            "readyz": ({b"GET": self.readyz}, 0, False),
         }
 
     def route(self, request: Request) -> tuple[Handler, list[str]]:
-        """The handler and raw path parameters; 404 for an unknown path, 405 for a wrong method."""
+        """The handler and raw path parameters; 404 for an unknown path, 405 for a wrong method,
+        401 for a producer endpoint without the configured bearer token."""
         path = request.path.decode("latin-1")
         if not path.startswith("/"):
             raise NotFound("no such endpoint")
@@ -127,44 +207,60 @@ class Api:
         entry = self.routes.get(head)
         if entry is None:
             raise NotFound("no such endpoint")
-        methods, arity = entry
+        methods, arity, protected = entry
         params = rest.split("/", arity - 1) if arity else ([rest] if rest else [])
         if (arity == 0 and params) or (arity and (len(params) != arity or "/" in params[-1])):
             raise NotFound("no such endpoint")
         handler = methods.get(request.method)
         if handler is None:
+            if request.method == b"OPTIONS":
+                return self.options, params
             raise MethodNotAllowed(
                 f"{request.method.decode('latin-1')} is not allowed here",
-                allow=", ".join(m.decode() for m in methods),
+                allow=", ".join(m.decode() for m in [*methods, b"OPTIONS"]),
             )
+        if protected and self.token is not None:
+            check_bearer(request, self.token)
         return handler, params
+
+    async def options(self, request: Request, params: list[str]) -> Result:
+        return self.cors.preflight(request)
 
     async def create(self, request: Request, params: list[str]) -> Result:
         body = parse_model(CreateBody, request.body) if request.body.strip() else CreateBody()
         created = await self.broker.create(body.protocols)
-        return 200, orjson.dumps(created), b"application/json"
+        return 200, orjson.dumps(created), JSON, b""
 
     async def write(self, request: Request, params: list[str]) -> Result:
         producer, stream = params
         stream_id = decode_segment(stream)
         body = parse_json(request.body)
         await self.broker.write(decode_segment(producer), stream_id, body)
-        return 201, OK, b"application/json"
+        return 201, OK, JSON, b""
 
     async def write_batch(self, request: Request, params: list[str]) -> Result:
         batch = parse_model(WriteBatchBody, request.body)
         failures = await self.broker.write_batch(
             batch.channels, [(m.stream_id, m.body) for m in batch.messages]
         )
-        return 201, orjson.dumps({"failures": failures}), b"application/json"
+        return 201, orjson.dumps({"failures": failures}), JSON, b""
 
     async def read(self, request: Request, params: list[str]) -> Result:
-        return ReadRequest(decode_segment(params[0]))
+        return ReadRequest(decode_segment(params[0]), read_cursor(request))
 
     async def channels_exists(self, request: Request, params: list[str]) -> Result:
         body = parse_model(ChannelsExistsBody, request.body)
         exists = await self.broker.exists(body.channels)
-        return 200, orjson.dumps({"channels": exists}), b"application/json"
+        return 200, orjson.dumps({"channels": exists}), JSON, b""
 
     async def render_metrics(self, request: Request, params: list[str]) -> Result:
-        return 200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8"
+        return 200, self.metrics.render(), METRICS_TYPE.encode(), b""
+
+    async def healthz(self, request: Request, params: list[str]) -> Result:
+        return 200, OK, JSON, b""
+
+    async def readyz(self, request: Request, params: list[str]) -> Result:
+        reason = self.broker.ready()
+        if reason is not None:
+            raise Unavailable(f"not ready: {reason}")
+        return 200, OK, JSON, b""

@@ -31,7 +31,7 @@ from megaphone.errors import (
 )
 from megaphone.http import wire
 from megaphone.http.app import Api, ReadRequest, Request, Result
-from megaphone.store.base import Subscription
+from megaphone.store.base import ResumeStatus, Subscription
 
 if TYPE_CHECKING:
     from megaphone.core.broker import Broker
@@ -94,11 +94,23 @@ class HttpServerState:
 class NdjsonStream:
     """A read in progress: the channel pushes whole events, we frame them as chunks."""
 
-    __slots__ = ("_started", "chunked", "done", "keep_alive", "protocol", "subscription", "timer")
+    __slots__ = (
+        "_started",
+        "chunked",
+        "cors",
+        "done",
+        "keep_alive",
+        "protocol",
+        "subscription",
+        "timer",
+    )
 
-    def __init__(self, protocol: HttpProtocol, *, chunked: bool, keep_alive: bool) -> None:
+    def __init__(
+        self, protocol: HttpProtocol, *, chunked: bool, keep_alive: bool, cors: bytes = b""
+    ) -> None:
         self.protocol = protocol
         self.chunked = chunked
+        self.cors = cors
         self.keep_alive = keep_alive and chunked
         self.done = False
         self._started = False
@@ -113,7 +125,10 @@ class NdjsonStream:
         self._started = True
         # a chunked stream on a connection that closes afterwards says so up front
         extra = b"" if self.keep_alive or not self.chunked else b"connection: close\r\n"
-        self.protocol.write(wire.stream_head(chunked=self.chunked, extra=extra))
+        subscription = self.subscription
+        if subscription is not None and subscription.status is not ResumeStatus.NONE:
+            extra += b"megaphone-resume: %b\r\n" % subscription.status.value.encode()
+        self.protocol.write(wire.stream_head(chunked=self.chunked, extra=extra + self.cors))
 
     def deliver(self, lines: list[bytes]) -> None:
         if not self._started:
@@ -129,6 +144,7 @@ class NdjsonStream:
         if not self._started:
             self._start()
         self.timer = asyncio.get_running_loop().call_later(window, self.finish)
+        subscription.start()  # replayed events, then pending ones, then live
 
     def end(self) -> None:
         self.finish()
@@ -370,8 +386,10 @@ class HttpProtocol(asyncio.Protocol):
                     self._arm(self.limits.request_timeout)
 
     def _handle(self, request: Request) -> None:
+        api = self.state.api
+        request.cors = api.cors.headers(request)
         try:
-            handler, params = self.state.api.route(request)
+            handler, params = api.route(request)
             outcome = eager.start(handler(request, params))
         except MegaphoneError as exc:
             self._send_error(request, exc)
@@ -407,9 +425,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _finish(self, request: Request, result: Result) -> None:
         if isinstance(result, ReadRequest):
-            self._start_read(request, result.consumer)
+            self._start_read(request, result)
             return
-        status, body, content_type = result
+        status, body, content_type, extra = result
         keep_alive = self._keep_alive(request)
         self.write(
             wire.response(
@@ -419,6 +437,7 @@ class HttpProtocol(asyncio.Protocol):
                 keep_alive=keep_alive,
                 http10=request.http10,
                 head=request.method == b"HEAD",
+                extra=extra + request.cors,
             )
         )
         if not keep_alive:
@@ -438,7 +457,10 @@ class HttpProtocol(asyncio.Protocol):
         keep_alive = request is not None and self._keep_alive(request)
         http10 = request is not None and request.http10
         head = request is not None and request.method == b"HEAD"
-        self.write(wire.error_response(error, keep_alive=keep_alive, http10=http10, head=head))
+        cors = request.cors if request is not None else b""
+        self.write(
+            wire.error_response(error, keep_alive=keep_alive, http10=http10, head=head, extra=cors)
+        )
         if not keep_alive:
             self.close()
 
@@ -455,15 +477,18 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- reads --------------------------------------------------------------------------------
 
-    def _start_read(self, request: Request, consumer: str) -> None:
+    def _start_read(self, request: Request, read: ReadRequest) -> None:
         stream = NdjsonStream(
-            self, chunked=not request.http10, keep_alive=self._keep_alive(request)
+            self,
+            chunked=not request.http10,
+            keep_alive=self._keep_alive(request),
+            cors=request.cors,
         )
         self.busy = True
         self.stream = stream
         self._disarm()
         try:
-            outcome = eager.start(self.state.broker.attach(consumer, stream))
+            outcome = eager.start(self.state.broker.attach(read.consumer, stream, read.after))
         except Exception as exc:
             self._read_failed(request, stream, exc)
             return

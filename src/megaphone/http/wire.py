@@ -32,6 +32,8 @@ def response(
         connection = b"connection: close\r\n"
     elif http10:
         connection = b"connection: keep-alive\r\n"
+    if status == 204:  # no body, and no Content-Length either (RFC 9110 8.6)
+        return b"%b%b%b\r\n" % (_STATUS_LINES[status], connection, extra)
     return b"%bcontent-type: %b\r\ncontent-length: %d\r\n%b%b\r\n%b" % (
         _STATUS_LINES[status],
         content_type,
@@ -43,11 +45,20 @@ def response(
 
 
 def error_response(
-    error: MegaphoneError, *, keep_alive: bool, http10: bool = False, head: bool = False
+    error: MegaphoneError,
+    *,
+    keep_alive: bool,
+    http10: bool = False,
+    head: bool = False,
+    extra: bytes = b"",
 ) -> bytes:
-    extra = b"allow: %b\r\n" % error.allow.encode() if error.allow else b""
     return response(
-        error.status, error.body(), keep_alive=keep_alive, http10=http10, extra=extra, head=head
+        error.status,
+        error.body(),
+        keep_alive=keep_alive,
+        http10=http10,
+        extra=error.headers() + extra,
+        head=head,
     )
 
 

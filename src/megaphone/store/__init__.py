@@ -1,5 +1,5 @@
 """Channel stores: one interface (:mod:`megaphone.store.base`), one module per engine."""
 
-from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, Subscription
+from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
 
-__all__ = ["ChannelInfo", "ChannelStore", "ReadSink", "Subscription"]
+__all__ = ["ChannelInfo", "ChannelStore", "ReadSink", "ResumeStatus", "Subscription"]

@@ -1,9 +1,11 @@
 """The channel store interface.
 
-A store keeps channels (pending events, the reader lease, expiry). The read transports (NDJSON now;
-SSE, WebSocket and long-poll later) are thin :class:`ReadSink` implementations: the store pushes
-whole serialised events into the sink while the sink is writable, and the sink tells the store
-when it can take more (:meth:`Subscription.resume`). Delivery therefore only moves bytes.
+A store keeps channels (pending events, the replay window of sent events, the reader lease,
+expiry). The read transports (NDJSON now; SSE, WebSocket and long-poll later) are thin
+:class:`ReadSink` implementations: a read attaches (takes the lease and settles its resume cursor),
+starts (replayed events first, then pending ones), and from then on the store pushes whole
+serialised events into the sink while the sink is writable; the sink tells the store when it can
+take more (:meth:`Subscription.resume`). Delivery therefore only moves bytes.
 
 Errors are raised from :mod:`megaphone.errors` (``NotFound``, ``Busy``, ``WriteTimeout``), so the
 layers above translate them once.
@@ -12,6 +14,7 @@ layers above translate them once.
 from __future__ import annotations
 
 import abc
+from enum import StrEnum
 from typing import NamedTuple, Protocol
 
 from megaphone.core.addressing import ChannelKey
@@ -35,7 +38,24 @@ class ReadSink(Protocol):
         ...
 
 
+class ResumeStatus(StrEnum):
+    """How a read's cursor (``Last-Event-ID`` / ``?after=``) was settled."""
+
+    NONE = "none"  # no cursor: Part A behaviour, nothing replayed
+    RESUMED = "resumed"  # the cursor was found: everything after it is replayed
+    UNKNOWN = (
+        "unknown-cursor"  # too old or foreign: the replay window is sent, events may be missing
+    )
+
+
 class Subscription(Protocol):
+    @property
+    def status(self) -> ResumeStatus: ...
+
+    def start(self) -> None:
+        """Begin delivery: the replayed events, then the pending ones, then new ones as written."""
+        ...
+
     def resume(self) -> None:
         """The sink became writable again: deliver what is pending."""
         ...
@@ -62,8 +82,10 @@ class ChannelStore(abc.ABC):
         """Append ``event``; wait up to ``wait`` seconds for room. NotFound / WriteTimeout."""
 
     @abc.abstractmethod
-    async def attach(self, key: ChannelKey, sink: ReadSink) -> Subscription:
-        """Make ``sink`` the channel's only reader and flush pending events. NotFound / Busy."""
+    async def attach(self, key: ChannelKey, sink: ReadSink, after: str | None) -> Subscription:
+        """Make ``sink`` the channel's only reader and settle the cursor ``after``: the events
+        sent up to it are confirmed and dropped, the later ones will be replayed. Nothing is
+        delivered before :meth:`Subscription.start`. NotFound / Busy."""
 
     @abc.abstractmethod
     async def delete(self, key: ChannelKey) -> bool: ...

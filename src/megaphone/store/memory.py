@@ -17,7 +17,7 @@ from megaphone.core.addressing import ChannelKey
 from megaphone.core.events import Event
 from megaphone.errors import Busy, NotFound, WriteTimeout
 from megaphone.metrics import Metrics
-from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, Subscription
+from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
 
 
 class _Waiter:
@@ -33,17 +33,28 @@ class MemoryChannel:
     __slots__ = (
         "address",
         "capacity",
+        "confirmed",
         "created_at",
         "expires_at",
         "key",
         "metrics",
         "pending",
+        "reader",
+        "replay",
+        "sent",
         "sink",
         "waiters",
     )
 
     def __init__(
-        self, key: ChannelKey, address: str, capacity: int, now: float, ttl: float, metrics: Metrics
+        self,
+        key: ChannelKey,
+        address: str,
+        capacity: int,
+        replay_size: int,
+        now: float,
+        ttl: float,
+        metrics: Metrics,
     ) -> None:
         self.key = key
         self.address = address
@@ -53,7 +64,12 @@ class MemoryChannel:
         self.metrics = metrics
         self.pending: deque[Event] = deque()
         self.waiters: deque[_Waiter] = deque()
-        self.sink: ReadSink | None = None
+        # sent but not yet confirmed by a later read's cursor: the replay window
+        self.sent: deque[Event] = deque(maxlen=replay_size)
+        self.confirmed: str | None = None  # the newest eid a cursor confirmed
+        self.replay: list[Event] = []  # to re-send when the attached reader starts
+        self.reader: ReadSink | None = None  # holds the lease from attach to close
+        self.sink: ReadSink | None = None  # receives events once started
 
     def offer(self, event: Event) -> bool:
         """Accept ``event`` if there is room and nobody is queued before it."""
@@ -61,8 +77,9 @@ class MemoryChannel:
             return False
         self.metrics.messages_received += 1
         sink = self.sink
-        if sink is not None and sink.writable and not self.pending:
+        if sink is not None and sink.writable and not self.pending and not self.replay:
             self.metrics.messages_read += 1
+            self.sent.append(event)
             sink.deliver([event.line])
         else:
             self.pending.append(event)
@@ -71,14 +88,21 @@ class MemoryChannel:
         return True
 
     def flush(self) -> None:
-        """Move pending events (then queued writers) into the sink while it is writable."""
+        """Replay, then move pending events (then queued writers) into the sink while writable."""
         sink = self.sink
-        while sink is not None and sink.writable and self.pending:
-            lines = [event.line for event in self.pending]
-            self.pending.clear()
-            self._admit_waiters()
-            self.metrics.messages_read += len(lines)
+        if sink is not None and self.replay and sink.writable:
+            lines = [event.line for event in self.replay]
+            self.replay = []
+            self.metrics.messages_replayed += len(lines)
             sink.deliver(lines)
+            sink = self.sink
+        while sink is not None and sink.writable and self.pending:
+            events = list(self.pending)
+            self.pending.clear()
+            self.sent.extend(events)
+            self._admit_waiters()
+            self.metrics.messages_read += len(events)
+            sink.deliver([event.line for event in events])
             sink = self.sink
         self._admit_waiters()
 
@@ -92,10 +116,26 @@ class MemoryChannel:
             if not waiter.future.done():
                 waiter.future.set_result(None)
 
-    def detach(self, sink: ReadSink, now: float, ttl: float) -> bool:
-        if self.sink is not sink:
+    def settle_cursor(self, after: str | None) -> ResumeStatus:
+        """Confirm the events up to ``after`` and queue the later sent ones for replay."""
+        if after is None:
+            self.replay = []
+            return ResumeStatus.NONE
+        for index, event in enumerate(self.sent):
+            if event.eid == after:
+                for _ in range(index + 1):
+                    self.sent.popleft()
+                self.confirmed = after
+                self.replay = list(self.sent)
+                return ResumeStatus.RESUMED
+        self.replay = list(self.sent)
+        return ResumeStatus.RESUMED if after == self.confirmed else ResumeStatus.UNKNOWN
+
+    def release(self, reader: ReadSink, now: float, ttl: float) -> bool:
+        if self.reader is not reader:
             return False
-        self.sink = None
+        self.reader = self.sink = None
+        self.replay = []
         self.expires_at = now + ttl
         return True
 
@@ -109,13 +149,21 @@ class MemoryChannel:
 
 
 class _MemorySubscription:
-    __slots__ = ("_channel", "_closed", "_sink", "_store")
+    __slots__ = ("_channel", "_closed", "_sink", "_store", "status")
 
-    def __init__(self, store: MemoryStore, channel: MemoryChannel, sink: ReadSink) -> None:
+    def __init__(
+        self, store: MemoryStore, channel: MemoryChannel, sink: ReadSink, status: ResumeStatus
+    ) -> None:
         self._store = store
         self._channel = channel
         self._sink = sink
         self._closed = False
+        self.status = status
+
+    def start(self) -> None:
+        if not self._closed and self._channel.reader is self._sink:
+            self._channel.sink = self._sink
+            self._channel.flush()
 
     def resume(self) -> None:
         if not self._closed and self._channel.sink is self._sink:
@@ -134,11 +182,13 @@ class MemoryStore(ChannelStore):
         *,
         metrics: Metrics,
         capacity: int = 100,
+        replay_size: int = 100,
         ttl: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.metrics = metrics
         self.capacity = capacity
+        self.replay_size = replay_size
         self.ttl = ttl
         self.clock = clock
         self._channels: dict[ChannelKey, MemoryChannel] = {}
@@ -152,7 +202,13 @@ class MemoryStore(ChannelStore):
 
     async def create(self, key: ChannelKey, consumer_address: str) -> None:
         channel = MemoryChannel(
-            key, consumer_address, self.capacity, self.clock(), self.ttl, self.metrics
+            key,
+            consumer_address,
+            self.capacity,
+            self.replay_size,
+            self.clock(),
+            self.ttl,
+            self.metrics,
         )
         self._channels[key] = channel
         self._per_agent[key.agent] = self._per_agent.get(key.agent, 0) + 1
@@ -200,18 +256,16 @@ class MemoryStore(ChannelStore):
             WriteTimeout(f"channel buffer stayed full ({channel.capacity} events)")
         )
 
-    async def attach(self, key: ChannelKey, sink: ReadSink) -> Subscription:
+    async def attach(self, key: ChannelKey, sink: ReadSink, after: str | None) -> Subscription:
         channel = self._get(key)
-        if channel.sink is not None:
+        if channel.reader is not None:
             raise Busy("channel already has a reader")
-        channel.sink = sink
-        subscription = _MemorySubscription(self, channel, sink)
-        channel.flush()
-        return subscription
+        channel.reader = sink
+        return _MemorySubscription(self, channel, sink, channel.settle_cursor(after))
 
     def _detach(self, channel: MemoryChannel, sink: ReadSink) -> None:
         if (
-            channel.detach(sink, self.clock(), self.ttl)
+            channel.release(sink, self.clock(), self.ttl)
             and self._channels.get(channel.key) is channel
         ):
             self._schedule(channel)
@@ -227,9 +281,9 @@ class MemoryStore(ChannelStore):
         self.metrics.messages_lost += len(channel.pending) + len(channel.waiters)
         self.metrics.channel_duration.observe(self.clock() - channel.created_at)
         channel.fail_waiters()
-        sink, channel.sink = channel.sink, None
-        if sink is not None:
-            sink.end()
+        reader, channel.reader, channel.sink = channel.reader, None, None
+        if reader is not None:
+            reader.end()
 
     async def delete(self, key: ChannelKey) -> bool:
         channel = self._channels.get(key)
@@ -245,7 +299,7 @@ class MemoryStore(ChannelStore):
         while deadlines and deadlines[0][0] <= now:
             _, _, key = heapq.heappop(deadlines)
             channel = self._channels.get(key)
-            if channel is None or channel.sink is not None or channel.expires_at > now:
+            if channel is None or channel.reader is not None or channel.expires_at > now:
                 continue  # stale entry: deleted, being read, or read again since
             self._remove(channel)
             expired.append(channel.address)

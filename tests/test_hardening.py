@@ -1,0 +1,158 @@
+"""Limits, producer token, CORS, health endpoints and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from conftest import ServerFactory, base_url, create_channel
+
+
+async def test_channel_limit(server_factory: ServerFactory) -> None:
+    node = await server_factory(max_channels=3)
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        for _ in range(3):
+            await create_channel(http)
+        assert (await http.get("/readyz")).status_code == 503
+        full = await http.post("/create")
+        assert full.status_code == 503
+        assert full.json()["code"] == "CHANNEL_LIMIT"
+        assert node.store.count() == 3
+        assert (await http.get("/healthz")).status_code == 200  # alive, just full
+
+
+async def test_batch_limits(server_factory: ServerFactory) -> None:
+    node = await server_factory(
+        max_batch_messages=3, max_batch_channels=2, poll_duration_millis=300
+    )
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        channel = await create_channel(http)
+        producer = channel["producerAddress"]
+        messages = [{"streamId": "s", "body": n} for n in range(4)]
+        too_many = await http.post(
+            "/write-batch", json={"channels": [producer], "messages": messages}
+        )
+        assert too_many.status_code == 413
+        assert too_many.json()["code"] == "BATCH_TOO_LARGE"
+        wide = await http.post(
+            "/write-batch", json={"channels": [producer] * 3, "messages": messages[:1]}
+        )
+        assert wide.status_code == 413
+        assert wide.json()["code"] == "BATCH_TOO_LARGE"
+        ok = await http.post(
+            "/write-batch", json={"channels": [producer], "messages": messages[:3]}
+        )
+        assert ok.status_code == 201
+        reply = await http.get(f"/read/{channel['consumerAddress']}", timeout=30)
+        assert len(reply.content.splitlines()) == 3  # only the accepted batch was written
+
+
+async def test_producer_token(server_factory: ServerFactory) -> None:
+    node = await server_factory(producer_token="s3cret", poll_duration_millis=200)
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        anonymous = await http.post("/create")
+        assert anonymous.status_code == 401
+        assert anonymous.json()["code"] == "UNAUTHORIZED"
+        assert anonymous.headers["www-authenticate"].startswith("Bearer")
+        wrong = await http.post("/create", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        basic = await http.post("/create", headers={"Authorization": "Basic czNjcmV0"})
+        assert basic.status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        channel = (await http.post("/create", headers=auth)).json()
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        assert (await http.post(f"/write/{producer}/s", json=1)).status_code == 401
+        assert (await http.post(f"/write/{producer}/s", json=1, headers=auth)).status_code == 201
+        batch = {"channels": [producer], "messages": [{"streamId": "s", "body": 2}]}
+        assert (await http.post("/write-batch", json=batch)).status_code == 401
+        assert (await http.post("/write-batch", json=batch, headers=auth)).status_code == 201
+        exists = {"channels": [consumer]}
+        assert (await http.post("/channelsExists", json=exists)).status_code == 401
+        assert (await http.post("/channelsExists", json=exists, headers=auth)).status_code == 200
+        # reads stay capability-based: the consumer address is the secret
+        read = await http.get(f"/read/{consumer}")
+        assert read.status_code == 200
+        assert len(read.content.splitlines()) == 2
+        assert (await http.get("/healthz")).status_code == 200
+        assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_cors_preflight_and_headers(server: object, client: httpx.AsyncClient) -> None:
+    channel = await create_channel(client)
+    path = f"/read/{channel['consumerAddress']}"
+    preflight = await client.options(
+        path,
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "last-event-id",
+        },
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "GET" in preflight.headers["access-control-allow-methods"]
+    assert "last-event-id" in preflight.headers["access-control-allow-headers"]
+    assert "content-length" not in preflight.headers
+    async with client.stream("GET", path, headers={"Origin": "https://app.example"}) as reply:
+        assert reply.headers["access-control-allow-origin"] == "*"
+        assert reply.headers["access-control-expose-headers"] == "megaphone-resume"
+        assert reply.headers["cache-control"] == "no-store"
+        assert reply.headers["x-accel-buffering"] == "no"
+    error = await client.get("/read/nope", headers={"Origin": "https://app.example"})
+    assert error.headers["access-control-allow-origin"] == "*"
+    plain = await client.post("/create")
+    assert "access-control-allow-origin" not in plain.headers  # no Origin, no CORS headers
+
+
+async def test_cors_allow_list(server_factory: ServerFactory) -> None:
+    node = await server_factory(cors_allowed_origins=["https://good.example"])
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        good = await http.options(
+            "/create",
+            headers={"Origin": "https://good.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert good.headers["access-control-allow-origin"] == "https://good.example"
+        assert good.headers["vary"] == "origin"
+        bad = await http.options(
+            "/create",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert bad.status_code == 204
+        assert "access-control-allow-origin" not in bad.headers
+        assert "access-control-allow-methods" not in bad.headers
+
+
+async def test_health_during_warm_up(server_factory: ServerFactory) -> None:
+    node = await server_factory(agent_warmup_secs=0.3)
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        assert (await http.get("/healthz")).json() == {"status": "OK"}
+        not_ready = await http.get("/readyz")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["code"] == "UNAVAILABLE"
+        await asyncio.sleep(0.4)
+        assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_shutdown_ends_reads_and_answers_inflight_writes(
+    server_factory: ServerFactory,
+) -> None:
+    node = await server_factory(channel_buffer_size=1, write_timeout_millis=300)
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:
+        busy = await create_channel(http)
+        await http.post(f"/write/{busy['producerAddress']}/s", json=0)
+        blocked = asyncio.create_task(http.post(f"/write/{busy['producerAddress']}/s", json=1))
+        reading = await create_channel(http)
+        async with http.stream("GET", f"/read/{reading['consumerAddress']}") as stream:
+            await asyncio.sleep(0.05)
+            closing = asyncio.create_task(node.aclose(grace=5))
+            body = [chunk async for chunk in stream.aiter_raw()]
+        assert body == []  # ended cleanly with the last chunk, no error
+        reply = await blocked  # the in-flight write got its answer before the close
+        assert reply.status_code == 503
+        assert reply.json()["code"] == "TIMEOUT"
+        await closing
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient() as again:
+            await again.post(f"{base_url(node)}/create")
