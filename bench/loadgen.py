@@ -20,9 +20,11 @@ import asyncio
 import gc
 import json
 import os
+import random
 import resource
 import sys
 import time
+import urllib.parse
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,7 +39,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # (request bytes, tag) — the tag comes back with the response
 Request = tuple[bytes, int]
-Source = Callable[[], Request | None]
+# the next request, None (this connection is done) or a delay in seconds (ask again then)
+Source = Callable[[], Request | float | None]
 Sink = Callable[[int, int, bytes, float], None]  # status, tag, body, round trip (s)
 
 
@@ -130,9 +133,10 @@ def percentiles(samples: array[float] | list[float]) -> dict[str, float | None]:
 class HttpConn(asyncio.Protocol):
     """A keep-alive connection running a closed loop: request, response, next request.
 
-    ``source()`` gives the next request (or None: this connection is done); ``sink`` gets every
-    response. Only ``Content-Length`` responses are understood, which is all the targets send for
-    the requests made here.
+    ``source()`` gives the next request (or None: this connection is done; or a float: ask again
+    after that many seconds, for paced writers); ``sink`` gets every response. Only
+    ``Content-Length`` responses are understood, which is all the targets send for the requests
+    made here.
     """
 
     def __init__(self, source: Source, sink: Sink) -> None:
@@ -155,6 +159,9 @@ class HttpConn(asyncio.Protocol):
         if item is None:
             if not self.done.done():
                 self.done.set_result(None)
+            return
+        if isinstance(item, float):
+            asyncio.get_running_loop().call_later(item, self._next)
             return
         data, self.tag = item
         self.sent_at = now()
@@ -199,13 +206,23 @@ class HttpConn(asyncio.Protocol):
 
 
 async def connect(
-    host: str, port: int, connections: int, source: Source, sink: Sink
+    host: str,
+    port: int,
+    connections: int,
+    source: Source,
+    sink: Sink,
+    own_source: Callable[[int], Source] | None = None,
 ) -> list[HttpConn]:
-    """Open ``connections`` keep-alive connections, idle until started."""
+    """Open ``connections`` keep-alive connections, idle until started.
+
+    They share ``source``, unless ``own_source`` is given: then it is called with each
+    connection's number and returns that connection's own source (paced writers).
+    """
     loop = asyncio.get_running_loop()
     conns: list[HttpConn] = []
-    for _ in range(connections):
-        _, conn = await loop.create_connection(lambda: HttpConn(source, sink), host, port)
+    for number in range(connections):
+        mine = own_source(number) if own_source is not None else source
+        _, conn = await loop.create_connection(lambda: HttpConn(mine, sink), host, port)  # noqa: B023
         conns.append(conn)
     return conns
 
@@ -236,13 +253,19 @@ class StreamReader(asyncio.Protocol):
 
     The body may be chunked (megaphone) or close-delimited (nchan's http-raw-stream); either way
     ``on_lines`` gets the complete non-empty lines of every ``data_received`` call, with the time
-    they arrived.
+    they arrived. Only a 200 response's body is passed on (an error body is not an event), and
+    nothing once ``closing`` is set (the client hung up on purpose).
     """
 
-    def __init__(self, index: int, path: bytes, on_lines: LinesCallback) -> None:
+    def __init__(
+        self, index: int, path: bytes, on_lines: LinesCallback, headers: bytes = b""
+    ) -> None:
         self.index = index
-        self.request = b"GET %b HTTP/1.1\r\nHost: bench\r\n\r\n" % path
+        self.request = b"GET %b HTTP/1.1\r\nHost: bench\r\n%b\r\n" % (path, headers)
         self.on_lines = on_lines
+        self.resume = b""  # the megaphone-resume response header, if any
+        self.sse_id = ""  # server-sent events (nchan): the id of the event being read
+        self.closing = False  # the client closed it; what still arrives is dropped
         self.transport: asyncio.Transport | None = None
         self.head = bytearray()
         self.status = 0
@@ -262,6 +285,8 @@ class StreamReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         t = now()
+        if self.closing:
+            return
         if not self.in_body:
             self.head += data
             end = self.head.find(b"\r\n\r\n")
@@ -270,13 +295,19 @@ class StreamReader(asyncio.Protocol):
             head = bytes(self.head[:end]).lower()
             self.status = int(head[9:12])
             self.chunked = b"transfer-encoding: chunked" in head
+            at = head.find(b"\r\nmegaphone-resume:")
+            if at >= 0:
+                eol = head.find(b"\r\n", at + 2)
+                self.resume = head[at + 19 : eol if eol >= 0 else len(head)].strip()
             data = bytes(self.head[end + 4 :])
             self.head.clear()
             self.in_body = True
             if not self.ready.done():
                 self.ready.set_result(self.status)
-            if not data:
+            if not data or self.status != 200:
                 return
+        elif self.status != 200:
+            return
         payload = self._dechunk(data) if self.chunked else data
         if self.partial:
             payload = self.partial + payload
@@ -730,9 +761,446 @@ async def run_create(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# --- workloads (d) resume and (e) churn: readers that hang up and come back with a cursor --
+
+
+ParsedEvent = tuple[str, int, float]  # event id, seq, send time
+
+
+class Slot:
+    """One channel's reader, across its reconnections."""
+
+    __slots__ = (
+        "budget",
+        "count",
+        "cursor",
+        "dying",
+        "index",
+        "path",
+        "reader",
+        "timer",
+        "use_header",
+    )
+
+    def __init__(self, index: int, path: bytes, use_header: bool) -> None:
+        self.index = index
+        self.path = path
+        self.use_header = use_header  # cursor as a Last-Event-ID header, else ?after=
+        self.reader: StreamReader | None = None  # the current connection
+        self.cursor: str | None = None  # eid of the last event received
+        self.count = 0  # events taken on the current connection
+        self.budget = 0  # hang up after this many events (0: not on a count)
+        self.timer: asyncio.TimerHandle | None = None  # hang up at this time
+        self.dying = False  # hanging up: what still arrives is dropped, as if lost on the way
+
+
+class Reconnecting:
+    """Writers (closed loop, or paced at a fixed total rate) spread round-robin over the
+    channels; one reader per channel that hangs up now and then and reconnects at once, naming
+    the last event id it received (``?after=`` or ``Last-Event-ID``).
+
+    megaphone: ``GET /read/{consumer}`` (NDJSON events, the id is ``eid``). nchan: its
+    ``eventsource`` subscriber (``id:`` / ``data:`` lines), which resumes from ``Last-Event-ID``
+    or ``?last_event_id=`` out of the channel's message buffer.
+
+    A reader hangs up after a number of events and/or after a random time, as a client whose
+    network drops would: it takes the events of the chunk up to the last one it counts, drops the
+    rest of the chunk and everything else that arrives for ``hangup_linger_s`` more (lost on the
+    way), then aborts the connection (whatever the server sent meanwhile is lost with it) and
+    reconnects at once, naming the last event it took. The server must re-send every dropped
+    event: the client checks that each comes back, and that nothing it took comes twice. With
+    ``cursor: "none"`` and no hang-ups this is the throughput workload with the same client
+    code, the baseline.
+    """
+
+    def __init__(self, job: dict[str, Any], channels: list[Channel]) -> None:
+        self.nchan = job["target"] == "nchan"
+        self.parse = self.parse_sse if self.nchan else self.parse_ndjson
+        self.accept = b"Accept: text/event-stream\r\n" if self.nchan else b""
+        self.cursor_arg = b"last_event_id" if self.nchan else b"after"
+        self.host: str = job["host"]
+        self.port: int = job["port"]
+        self.channels = channels
+        self.n = len(channels)
+        self.pad = b"x" * job["pad_bytes"]
+        self.writers: int = job["writers"]
+        self.rate: float = float(job.get("write_rate") or 0)  # all writers together; 0: closed loop
+        self.every_events: int = job.get("reconnect_every_events", 0)
+        self.jitter: bool = job.get("reconnect_jitter", False)
+        self.after_s: float = job.get("reconnect_after_s", 0.0)
+        self.linger: float = job.get("hangup_linger_s", 0.0)
+        self.cursor_mode: str = job.get("cursor", "query")  # none | query | header | mixed
+        self.rng = random.Random(job.get("seed", 1))
+        header = self.cursor_mode == "header"
+        self.slots = [
+            Slot(
+                i,
+                c.read_path.replace(b"/sub/", b"/ev/", 1) if self.nchan else c.read_path,
+                header or (self.cursor_mode == "mixed" and i % 2 == 1),
+            )
+            for i, c in enumerate(channels)
+        ]
+        self.churning = False  # hang-ups enabled
+        self.recording = False
+        self.running = True
+        # writers
+        self.seq = 0
+        self.t0 = 0.0
+        self.acked = 0
+        self.acked_seqs: set[int] = set()
+        self.write_errors: Counter[int] = Counter()
+        # readers
+        self.delivered = 0  # events taken, first receipt only
+        self.taken: set[int] = set()
+        self.dropped: set[int] = set()  # received after a hang-up point, not taken (yet)
+        self.dropped_lines = 0
+        self.replays_seen = 0  # taken events that had been received and dropped before
+        self.duplicates = 0  # events received again after being taken
+        self.misrouted = 0
+        self.unparseable = 0
+        self.latency: array[float] = array("d")
+        self.hangups = 0
+        self.opens = 0
+        self.busy = 0  # 409 answers to a reconnect (the old read not detached yet)
+        self.open_failures: Counter[str] = Counter()
+        self.resume_headers: Counter[str] = Counter()
+        self.cursors_sent = 0
+        self.open_latency: array[float] = array("d")
+        self.reconnecting: set[asyncio.Task[bool]] = set()
+
+    # --- writers ----------------------------------------------------------------------------
+
+    def body(self, seq: int) -> bytes:
+        return b'{"seq":%d,"t":%.6f,"pad":"%b"}' % (seq, now(), self.pad)
+
+    def writer_source(self, number: int) -> Source:
+        """Writer ``number``'s requests; paced, writer k sends its i-th at t0 + (i*W + k)/rate."""
+        sent = 0
+
+        def source() -> Request | float | None:
+            nonlocal sent
+            if not self.running:
+                return None
+            if self.rate:
+                wait = self.t0 + (sent * self.writers + number) / self.rate - now()
+                if wait > 0.0002:
+                    return wait
+            sent += 1
+            seq = self.seq
+            self.seq = seq + 1
+            channel = self.channels[seq % self.n]
+            return write_request(channel.write_path, self.body(seq)), seq
+
+        return source
+
+    def on_ack(self, status: int, seq: int, body: bytes, rtt: float) -> None:
+        if 200 <= status < 300:
+            self.acked += 1
+            self.acked_seqs.add(seq)
+        else:
+            self.write_errors[status] += 1
+
+    # --- readers ----------------------------------------------------------------------------
+
+    def next_budget(self, first: bool) -> int:
+        every = self.every_events
+        if not every:
+            return 0
+        if self.jitter:  # churn: a fresh random count every time, mean ``every``
+            return self.rng.randint(1, 2 * every - 1)
+        # resume: spread the first hang-ups so the readers do not reconnect in step
+        return self.rng.randint(1, every) if first else every
+
+    async def open(self, slot: Slot, first: bool = False) -> bool:
+        """(Re)open the slot's read with its cursor; retry at once while the answer is 409."""
+        loop = asyncio.get_running_loop()
+        path, headers = slot.path, self.accept
+        if slot.cursor is not None and self.cursor_mode != "none":
+            self.cursors_sent += 1
+            if slot.use_header:
+                headers += b"Last-Event-ID: %b\r\n" % slot.cursor.encode()
+            else:
+                cursor = urllib.parse.quote(slot.cursor, safe="").encode()
+                path = b"%b?%b=%b" % (path, self.cursor_arg, cursor)
+        started = now()
+        for attempt in range(1, 1001):
+            reader = StreamReader(slot.index, path, self.on_lines, headers)
+            slot.reader = reader  # lines may come with the head, before we resume below
+            slot.count = 0
+            slot.budget = self.next_budget(first)
+            try:
+                await loop.create_connection(lambda: reader, self.host, self.port)  # noqa: B023
+                status = await asyncio.wait_for(reader.ready, 30)
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                self.open_failures[type(exc).__name__] += 1
+                reader.closing = True
+                if reader.transport is not None:
+                    reader.transport.abort()
+                await asyncio.sleep(0.01)
+                continue
+            if status == 200:
+                break
+            reader.closing = True
+            if reader.transport is not None:
+                reader.transport.abort()
+            if status != 409:
+                self.open_failures[str(status)] += 1
+                slot.reader = None
+                return False
+            self.busy += 1
+            await asyncio.sleep(0.0005 * min(attempt, 20))
+        else:
+            slot.reader = None
+            return False
+        self.opens += 1
+        if self.recording:
+            self.open_latency.append(now() - started)
+        self.resume_headers[reader.resume.decode() or "(none)"] += 1
+        if self.after_s and self.churning:
+            slot.timer = loop.call_later(
+                self.rng.uniform(0, 2 * self.after_s), self.hang_up_timer, slot, reader
+            )
+        return True
+
+    async def open_all(self, concurrency: int) -> None:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(slot: Slot) -> None:
+            async with gate:
+                if not await self.open(slot, first=True):
+                    raise ConnectionError(f"reader {slot.index} could not open")
+
+        await asyncio.gather(*(one(slot) for slot in self.slots))
+
+    def hang_up_timer(self, slot: Slot, reader: StreamReader) -> None:
+        slot.timer = None
+        if reader is slot.reader and self.churning and not reader.closing and not slot.dying:
+            self.hang_up(slot)
+
+    def hang_up(self, slot: Slot) -> None:
+        reader = slot.reader
+        assert reader is not None
+        slot.dying = True
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+        self.hangups += 1
+        task = asyncio.ensure_future(self.reconnect(slot, reader))
+        self.reconnecting.add(task)
+        task.add_done_callback(self.reconnecting.discard)
+
+    async def reconnect(self, slot: Slot, reader: StreamReader) -> bool:
+        if self.linger:
+            await asyncio.sleep(self.linger)
+        reader.closing = True
+        if reader.transport is not None:
+            reader.transport.abort()
+        slot.dying = False
+        return await self.open(slot)
+
+    @staticmethod
+    def parse_ndjson(reader: StreamReader, lines: list[bytes]) -> list[ParsedEvent | None]:
+        """megaphone: one ``{"sid","eid","ts","body"}`` event per line."""
+        out: list[ParsedEvent | None] = []
+        for line in lines:
+            try:
+                event = orjson.loads(line)
+                body = event["body"]
+                out.append((event["eid"], body["seq"], body["t"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                out.append(None)
+        return out
+
+    @staticmethod
+    def parse_sse(reader: StreamReader, lines: list[bytes]) -> list[ParsedEvent | None]:
+        """nchan eventsource: ``id: …`` then ``data: <body>``; comments (``: hi``) skipped."""
+        out: list[ParsedEvent | None] = []
+        for line in lines:
+            if line.startswith(b"data:"):
+                try:
+                    body = orjson.loads(line[5:])
+                    out.append((reader.sse_id, body["seq"], body["t"]))
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    out.append(None)
+            elif line.startswith(b"id:"):
+                reader.sse_id = line[3:].strip().decode()
+        return out
+
+    def on_lines(self, reader: StreamReader, lines: list[bytes], t: float) -> None:
+        slot = self.slots[reader.index]
+        if reader is not slot.reader or reader.closing:
+            return
+        events = self.parse(reader, lines)
+        if slot.dying:
+            self.drop(events)
+            return
+        taken = self.taken
+        for i, parsed in enumerate(events):
+            if parsed is None:
+                self.unparseable += 1
+                continue
+            eid, seq, sent = parsed
+            if seq in taken:
+                self.duplicates += 1  # a client drops it (by its id)
+            else:
+                taken.add(seq)
+                self.delivered += 1
+                if seq in self.dropped:
+                    self.dropped.discard(seq)
+                    self.replays_seen += 1
+                if self.recording:
+                    self.latency.append(t - sent)
+            if seq % self.n != reader.index:
+                self.misrouted += 1
+            slot.cursor = eid
+            slot.count += 1
+            if slot.budget and slot.count >= slot.budget and self.churning:
+                self.drop(events[i + 1 :])
+                self.hang_up(slot)
+                return
+
+    def drop(self, events: list[ParsedEvent | None]) -> None:
+        """Events that arrive after the hang-up point: received, but lost on the way."""
+        for parsed in events:
+            if parsed is None:
+                continue
+            self.dropped_lines += 1
+            if parsed[1] not in self.taken:
+                self.dropped.add(parsed[1])
+
+    async def settle(self) -> int:
+        """Stop hanging up; wait for reconnections in flight; reopen any reader that is gone.
+
+        Returns how many readers had to be reopened (the server ended or lost them)."""
+        self.churning = False
+        for slot in self.slots:
+            if slot.timer is not None:
+                slot.timer.cancel()
+                slot.timer = None
+        while self.reconnecting:
+            await asyncio.gather(*list(self.reconnecting), return_exceptions=True)
+        gone = [s for s in self.slots if s.reader is None or s.reader.lost or s.reader.ended]
+        for slot in gone:
+            await self.open(slot)
+        return len(gone)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "acked": self.acked,
+            "delivered": self.delivered,
+            "hangups": self.hangups,
+            "opens": self.opens,
+            "busy": self.busy,
+        }
+
+
+async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
+    """Workloads ``resume`` (one phase per job) and ``churn``: see :class:`Reconnecting`."""
+    host, port, pids = job["host"], job["port"], job["server_pids"]
+    channels = await make_channels(job, job["channels"])
+    load = Reconnecting(job, channels)
+    t = now()
+    await load.open_all(job.get("connect_concurrency", 100))
+    connect_s = now() - t
+    load.churning = bool(load.every_events or load.after_s)
+    conns = await connect(
+        host,
+        port,
+        job["writers"],
+        load.writer_source(0),
+        load.on_ack,
+        own_source=load.writer_source,
+    )
+    load.t0 = now()
+    writers = asyncio.ensure_future(drive(conns))
+    await asyncio.sleep(job["warmup_s"])
+    before = load.counters()
+    start = Sample.take(pids)
+    load.recording = True
+    await asyncio.sleep(job["duration_s"])
+    load.recording = False
+    end = Sample.take(pids)
+    after = load.counters()
+    load.running = False
+    await writers
+    reopened = await load.settle()
+
+    drain_start = now()
+    last, last_change = -1, now()
+    while now() - drain_start < job["drain_s"] and not load.acked_seqs <= load.taken:
+        if load.delivered != last:
+            last, last_change = load.delivered, now()
+        elif now() - last_change > 2.0:
+            break
+        await asyncio.sleep(0.05)
+    drained_in = now() - drain_start
+    metrics = await scrape_metrics(job)
+    lost = len(load.acked_seqs - load.taken)
+    readers = [s.reader for s in load.slots if s.reader is not None]
+    readers_gone = sum(r.lost or r.ended for r in readers) + load.n - len(readers)
+    close_all(readers)
+
+    stats = window(start, end)
+    d = {k: after[k] - before[k] for k in after}
+    wall = stats["wall_s"]
+    cpu_ms = 1e3 * stats["server_cpu_s"]
+    sent = (metrics or {}).get("megaphone_messages_read")
+    replayed = (metrics or {}).get("megaphone_messages_replayed")
+    return {
+        **stats,
+        "channels": load.n,
+        "writers": load.writers,
+        "write_rate": load.rate or None,
+        "reconnect_every_events": load.every_events or None,
+        "reconnect_after_s": load.after_s or None,
+        "cursor": load.cursor_mode,
+        "body_bytes": len(load.body(10**6)),
+        "connect_s": connect_s,
+        "acked_per_s": d["acked"] / wall,
+        "delivered_per_s": d["delivered"] / wall,
+        "reconnects_per_s": d["hangups"] / wall,
+        "busy_per_s": d["busy"] / wall,
+        "server_cpu_ms_per_1k_events": 1e3 * cpu_ms / d["delivered"] if d["delivered"] else None,
+        "server_cpu_ms_per_1k_reconnects": 1e3 * cpu_ms / d["hangups"] if d["hangups"] else None,
+        "latency": percentiles(load.latency),
+        "open_latency": percentiles(load.open_latency),
+        "total_acked": load.acked,
+        "total_delivered": load.delivered,
+        "total_reconnects": load.hangups,
+        "total_busy": load.busy,
+        "cursors_sent": load.cursors_sent,
+        "resume_headers": dict(load.resume_headers),
+        "dropped_at_hangup": load.dropped_lines,
+        "replays_seen": load.replays_seen,
+        "dropped_never_replayed": len(load.dropped),
+        "server_sent": sent,
+        "server_replayed": replayed,
+        # events the server sent more than once, as far as the client can tell: whatever the
+        # server counted as sent beyond the distinct events the client took
+        "server_sent_beyond_taken": (sent - load.delivered) if sent is not None else None,
+        "lost": lost,
+        "delivered_but_not_acked": len(load.taken - load.acked_seqs),
+        "duplicates": load.duplicates,
+        "misrouted": load.misrouted,
+        "unparseable": load.unparseable,
+        "write_errors": {str(k): v for k, v in load.write_errors.items()},
+        "open_failures": dict(load.open_failures),
+        "readers_reopened_at_end": reopened,
+        "readers_ended_or_lost": readers_gone,
+        "drain_s": drained_in,
+        "server_metrics": metrics,
+    }
+
+
 # --- entry point ----------------------------------------------------------------------------
 
-WORKLOADS = {"throughput": run_throughput, "idle": run_idle, "create": run_create}
+WORKLOADS = {
+    "throughput": run_throughput,
+    "idle": run_idle,
+    "create": run_create,
+    "resume": run_reconnecting,
+    "churn": run_reconnecting,
+}
 
 
 def raise_nofile() -> int:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ NOISY_PCT = 10.0  # CPU share of other processes from which a figure is likely d
 QUIET_PCT = 15.0  # background load under which the machine counts as quiet enough to start
 QUIET_WAIT_TOTAL = 60.0  # seconds of such waiting allowed over a whole run
 TARGETS = ("megaphone", "nchan")
+WORKLOADS = ("throughput", "idle", "create", "resume", "churn")
+MEGAPHONE_ONLY = {"create", "resume"}
 NCHAN_MODULE_DIRS = (Path("/usr/lib/nginx/modules"), Path("/usr/share/nginx/modules"))
 
 
@@ -170,7 +172,7 @@ def megaphone_executable() -> str:
     return found
 
 
-def start_megaphone(workdir: Path) -> Server:
+def start_megaphone(workdir: Path, extra: Sequence[str] = ()) -> Server:
     port = free_port()
     log = workdir / "megaphone.log"
     cmd = [
@@ -182,6 +184,7 @@ def start_megaphone(workdir: Path) -> Server:
         "600000",
         "--log-level",
         "warning",
+        *extra,
     ]
     with open(log, "wb") as out:
         # cwd = the temp dir, so no megaphone.{toml,yaml,json} from elsewhere is picked up
@@ -260,12 +263,18 @@ http {{
             nchan_channel_id $1;
             nchan_subscriber_timeout 0;
         }}
+        # resumable subscriber (churn): Last-Event-ID / ?last_event_id=, from the buffer
+        location ~ ^/ev/(\\w+)$ {{
+            nchan_subscriber eventsource;
+            nchan_channel_id $1;
+            nchan_subscriber_timeout 0;
+        }}
     }}
 }}
 """
 
 
-def start_nchan(workdir: Path) -> Server:
+def start_nchan(workdir: Path, extra: Sequence[str] = ()) -> Server:
     module = nchan_module()
     if module is None:
         raise RuntimeError("ngx_nchan_module.so not found")
@@ -346,18 +355,38 @@ class Plan:
     duration: float
     readers: int
     create_duration: float
+    phase_duration: float  # each resume phase, and churn
+    workloads: tuple[str, ...] = WORKLOADS
     pad_bytes: int = 160  # the body then weighs ~200 bytes
+    resume_every_events: int = 1_000  # resume: a reader hangs up after this many events
+    churn_channels: int = 1_000
+    churn_rate: float = 5_000.0  # churn: events/s written over all channels
+    churn_every_events: int = 5  # churn: hang up after 1..2n-1 events (mean n) ...
+    churn_after_s: float = 1.0  # ... or after 0..2t seconds (mean t), whichever comes first
+    hangup_linger_s: float = 0.01  # a hanging-up reader drops what arrives for this long
 
     def jobs(self, target: str) -> dict[str, dict[str, Any]]:
+        """Every selected workload's load generator job; ``phases``: one fresh server each."""
+        throughput = {
+            "channels": 100,
+            "writers": 32,
+            "pad_bytes": self.pad_bytes,
+            "warmup_s": 1.0,
+            "duration_s": self.duration,
+            "drain_s": 5.0,
+        }
+        paced = {  # churn: a fixed, moderate write rate over many channels
+            "channels": self.churn_channels,
+            "connect_concurrency": 256,
+            "writers": 32,
+            "write_rate": self.churn_rate,
+            "pad_bytes": self.pad_bytes,
+            "warmup_s": 1.0,
+            "duration_s": self.phase_duration,
+            "drain_s": 5.0,
+        }
         jobs: dict[str, dict[str, Any]] = {
-            "throughput": {
-                "channels": 100,
-                "writers": 32,
-                "pad_bytes": self.pad_bytes,
-                "warmup_s": 1.0,
-                "duration_s": self.duration,
-                "drain_s": 5.0,
-            },
+            "throughput": throughput,
             "idle": {
                 "readers": self.readers,
                 "connect_concurrency": 256,
@@ -366,14 +395,52 @@ class Plan:
                 "pad_bytes": self.pad_bytes,
                 "fanout_timeout_s": 60.0,
             },
-        }
-        if target == "megaphone":  # nchan has nothing to create
-            jobs["create"] = {
+            "create": {
                 "connections": 32,
                 "warmup_s": 0.5,
                 "duration_s": self.create_duration,
-            }
-        return jobs
+            },
+            "resume": {
+                "phases": {
+                    # the throughput workload, same client code as the next phase, no cursor
+                    "plain": {**throughput, "duration_s": self.phase_duration, "cursor": "none"},
+                    # every reader hangs up after every 1,000 events and resumes at once
+                    "cursor": {
+                        **throughput,
+                        "duration_s": self.phase_duration,
+                        "cursor": "mixed",  # even readers ?after=, odd ones Last-Event-ID
+                        "reconnect_every_events": self.resume_every_events,
+                        "hangup_linger_s": self.hangup_linger_s,
+                    },
+                    # the bookkeeping of the window itself: no window at all, no cursor
+                    "nowindow": {
+                        **throughput,
+                        "duration_s": self.phase_duration,
+                        "cursor": "none",
+                        "server_args": ["--replay-window-size", "0"],
+                    },
+                }
+            },
+            "churn": {
+                "phases": {
+                    # the same writes and readers, nobody hangs up: the events' own cost
+                    "steady": {**paced, "cursor": "none"},
+                    "churn": {
+                        **paced,
+                        "cursor": "mixed",
+                        "reconnect_every_events": self.churn_every_events,
+                        "reconnect_jitter": True,
+                        "reconnect_after_s": self.churn_after_s,
+                        "hangup_linger_s": self.hangup_linger_s,
+                    },
+                }
+            },
+        }
+        return {
+            name: job
+            for name, job in jobs.items()
+            if name in self.workloads and (target == "megaphone" or name not in MEGAPHONE_ONLY)
+        }
 
 
 def run_loadgen(job: dict[str, Any]) -> dict[str, Any]:
@@ -412,39 +479,96 @@ class QuietGate:
         return busy
 
 
+Starter = Callable[[Path, Sequence[str]], Server]
+
+
 def run_target(
-    target: str, start: Callable[[Path], Server], plan: Plan, gate: QuietGate
+    target: str, start: Starter, plan: Plan, gate: QuietGate
 ) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for workload, params in plan.jobs(target).items():
-        background = gate.wait()
-        print(f"[{target}] {workload} ...", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory(prefix=f"bench-{target}-") as tmp:
-            workdir = Path(tmp)
-            os.chmod(workdir, 0o755)
-            result: dict[str, Any] = {"error": "interrupted"}
-            server: Server | None = None
-            try:
-                server = start(workdir)
-                job = {
-                    **params,
-                    "workload": workload,
-                    "target": target,
-                    "host": "127.0.0.1",
-                    "port": server.port,
-                    "server_pids": server.pids,
-                }
-                result = run_loadgen(job)
-            except Exception as exc:
-                result = {"error": f"{type(exc).__name__}: {exc}"}
-            finally:
-                if server is not None:
-                    result["server_problems"], result["server_stop_s"] = stop(server)
-                    result["server_nofile"] = server.nofile
-                    result["server_pids"] = server.pids
-        result["background_cpu_pct_before"] = background
-        out[workload] = result
+        if "phases" not in params:
+            out[workload] = run_workload(target, start, workload, params, gate)
+            continue
+        phases = {
+            phase: run_workload(target, start, workload, phase_params, gate, phase)
+            for phase, phase_params in params["phases"].items()
+        }
+        ratios = resume_ratios(phases) if workload == "resume" else churn_ratios(phases)
+        out[workload] = {"phases": phases, "ratios": ratios}
     return out
+
+
+def run_workload(
+    target: str,
+    start: Starter,
+    workload: str,
+    params: dict[str, Any],
+    gate: QuietGate,
+    phase: str | None = None,
+) -> dict[str, Any]:
+    """One workload (or one phase of it) against a fresh server."""
+    background = gate.wait()
+    name = f"{workload}/{phase}" if phase else workload
+    print(f"[{target}] {name} ...", file=sys.stderr, flush=True)
+    params = dict(params)
+    server_args: list[str] = params.pop("server_args", [])
+    with tempfile.TemporaryDirectory(prefix=f"bench-{target}-") as tmp:
+        workdir = Path(tmp)
+        os.chmod(workdir, 0o755)
+        result: dict[str, Any] = {"error": "interrupted"}
+        server: Server | None = None
+        try:
+            server = start(workdir, server_args)
+            job = {
+                **params,
+                "workload": workload,
+                "target": target,
+                "host": "127.0.0.1",
+                "port": server.port,
+                "server_pids": server.pids,
+            }
+            result = run_loadgen(job)
+        except Exception as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            if server is not None:
+                result["server_problems"], result["server_stop_s"] = stop(server)
+                result["server_nofile"] = server.nofile
+                result["server_pids"] = server.pids
+                result["server_args"] = server_args
+    result["background_cpu_pct_before"] = background
+    return result
+
+
+def resume_ratios(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """resume: the reconnecting phase (and the one without a window) over the plain one."""
+
+    def ratio(phase: str, *keys: str) -> float | None:
+        mine, base = dig(*keys)(phases.get(phase, {})), dig(*keys)(phases.get("plain", {}))
+        if isinstance(mine, int | float) and isinstance(base, int | float) and base:
+            return float(mine / base)
+        return None
+
+    return {
+        "cursor_delivered": ratio("cursor", "delivered_per_s"),
+        "cursor_cpu_per_1k": ratio("cursor", "server_cpu_ms_per_1k_events"),
+        "cursor_p50": ratio("cursor", "latency", "p50_ms"),
+        "cursor_p99": ratio("cursor", "latency", "p99_ms"),
+        "nowindow_delivered": ratio("nowindow", "delivered_per_s"),
+        "nowindow_cpu_per_1k": ratio("nowindow", "server_cpu_ms_per_1k_events"),
+    }
+
+
+def churn_ratios(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """churn: server CPU per reconnect net of the events' own cost (the steady phase's)."""
+    churn, steady = phases.get("churn", {}), phases.get("steady", {})
+    rate = churn.get("reconnects_per_s")
+    cpu, base = churn.get("server_cpu_pct"), steady.get("server_cpu_pct")
+    if not rate or not isinstance(cpu, int | float) or not isinstance(base, int | float):
+        return {"net_cpu_ms_per_1k_reconnects": None}
+    # % of one core = 10 ms of CPU per second
+    return {"net_cpu_ms_per_1k_reconnects": float(10 * (cpu - base) / rate * 1000)}
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -504,8 +628,209 @@ ROWS: list[tuple[str, str, Getter, str, int]] = [
     ("create", "other processes CPU (% of one core)", dig("other_cpu_pct"), "", 0),
 ]
 
-LOADGEN_ROWS = {"load generator CPU (% of one core)", "fan-out load generator CPU (% of one core)"}
-NOISE_ROWS = {"other processes CPU (% of one core)", "fan-out other processes CPU (% of one core)"}
+
+def phase(name: str, *keys: str) -> Getter:
+    return dig("phases", name, *keys)
+
+
+def total(*getters: Getter) -> Getter:
+    """The sum of several figures (None when none is there)."""
+
+    def get(result: dict[str, Any]) -> Any:
+        values = [g(result) for g in getters]
+        numbers = [v for v in values if isinstance(v, int | float)]
+        return sum(numbers) if numbers else None
+
+    return get
+
+
+def max_other(result: dict[str, Any]) -> Any:
+    """The noisiest phase's "other processes" CPU."""
+    values = [p.get("other_cpu_pct") for p in result.get("phases", {}).values()]
+    numbers = [v for v in values if isinstance(v, int | float)]
+    return max(numbers) if numbers else None
+
+
+def unknown_cursors(result: dict[str, Any]) -> Any:
+    """Reads answered ``megaphone-resume: unknown-cursor`` (None: the header never came)."""
+    headers = result.get("resume_headers")
+    if not isinstance(headers, dict) or not set(headers) - {"(none)"}:
+        return None
+    return headers.get("unknown-cursor", 0)
+
+
+P, C, W = "no cursor", "cursor", "window 0"
+ROWS += [
+    ("resume", f"{P}: events delivered /s", phase("plain", "delivered_per_s"), "up", 0),
+    ("resume", f"{C}: events delivered /s", phase("cursor", "delivered_per_s"), "up", 0),
+    ("resume", f"{C} ÷ {P}: events delivered /s", dig("ratios", "cursor_delivered"), "", 2),
+    (
+        "resume",
+        f"{P}: server CPU ms / 1,000 events",
+        phase("plain", "server_cpu_ms_per_1k_events"),
+        "down",
+        1,
+    ),
+    (
+        "resume",
+        f"{C}: server CPU ms / 1,000 events",
+        phase("cursor", "server_cpu_ms_per_1k_events"),
+        "down",
+        1,
+    ),
+    ("resume", f"{C} ÷ {P}: server CPU / event", dig("ratios", "cursor_cpu_per_1k"), "", 2),
+    ("resume", f"{P}: publish→deliver p50 (ms)", phase("plain", "latency", "p50_ms"), "down", 2),
+    ("resume", f"{C}: publish→deliver p50 (ms)", phase("cursor", "latency", "p50_ms"), "down", 2),
+    ("resume", f"{P}: publish→deliver p99 (ms)", phase("plain", "latency", "p99_ms"), "down", 2),
+    ("resume", f"{C}: publish→deliver p99 (ms)", phase("cursor", "latency", "p99_ms"), "down", 2),
+    ("resume", f"{C}: reconnects /s", phase("cursor", "reconnects_per_s"), "", 0),
+    (
+        "resume",
+        f"{C}: read-open p50 (ms)",
+        phase("cursor", "open_latency", "p50_ms"),
+        "down",
+        2,
+    ),
+    (
+        "resume",
+        f"{C}: read-open p99 (ms)",
+        phase("cursor", "open_latency", "p99_ms"),
+        "down",
+        2,
+    ),
+    ("resume", f"{C}: events replayed (server count)", phase("cursor", "server_replayed"), "", 0),
+    (
+        "resume",
+        f"{C}: replays of events dropped at hang-up (client)",
+        phase("cursor", "replays_seen"),
+        "",
+        0,
+    ),
+    (
+        "resume",
+        "duplicates (events received again after being taken)",
+        total(phase("plain", "duplicates"), phase("cursor", "duplicates")),
+        "",
+        0,
+    ),
+    (
+        "resume",
+        "events lost (acked, never delivered)",
+        total(phase("plain", "lost"), phase("cursor", "lost")),
+        "",
+        0,
+    ),
+    (
+        "resume",
+        f"{C}: unknown-cursor answers",
+        lambda r: (
+            unknown_cursors(r["phases"]["cursor"]) if "cursor" in r.get("phases", {}) else None
+        ),
+        "",
+        0,
+    ),
+    ("resume", f"{C}: 409 busy answers to a reconnect", phase("cursor", "total_busy"), "", 0),
+    ("resume", f"{P}: server CPU (% of one core)", phase("plain", "server_cpu_pct"), "", 0),
+    ("resume", f"{C}: server CPU (% of one core)", phase("cursor", "server_cpu_pct"), "", 0),
+    (
+        "resume",
+        f"{P}: load generator CPU (% of one core)",
+        phase("plain", "loadgen_cpu_pct"),
+        "",
+        0,
+    ),
+    (
+        "resume",
+        f"{C}: load generator CPU (% of one core)",
+        phase("cursor", "loadgen_cpu_pct"),
+        "",
+        0,
+    ),
+    ("resume", "other processes CPU, max of phases (% of one core)", max_other, "", 0),
+    ("resume", f"{W}: events delivered /s", phase("nowindow", "delivered_per_s"), "up", 0),
+    (
+        "resume",
+        f"{W}: server CPU ms / 1,000 events",
+        phase("nowindow", "server_cpu_ms_per_1k_events"),
+        "down",
+        1,
+    ),
+    ("resume", f"{W} ÷ {P}: server CPU / event", dig("ratios", "nowindow_cpu_per_1k"), "", 2),
+    ("churn", "readers (channels)", phase("churn", "channels"), "", 0),
+    ("churn", "write rate asked (events/s)", phase("churn", "write_rate"), "", 0),
+    ("churn", "writes acknowledged /s", phase("churn", "acked_per_s"), "up", 0),
+    ("churn", "events delivered /s", phase("churn", "delivered_per_s"), "up", 0),
+    ("churn", "reconnects /s", phase("churn", "reconnects_per_s"), "up", 0),
+    ("churn", "read-open p50 (ms)", phase("churn", "open_latency", "p50_ms"), "down", 2),
+    ("churn", "read-open p99 (ms)", phase("churn", "open_latency", "p99_ms"), "down", 2),
+    ("churn", "409 busy answers to a reconnect /s", phase("churn", "busy_per_s"), "", 1),
+    ("churn", "publish→deliver p50 (ms)", phase("churn", "latency", "p50_ms"), "down", 2),
+    ("churn", "publish→deliver p99 (ms)", phase("churn", "latency", "p99_ms"), "down", 2),
+    ("churn", "events replayed (server count)", phase("churn", "server_replayed"), "", 0),
+    (
+        "churn",
+        "replays of events dropped at hang-up (client)",
+        phase("churn", "replays_seen"),
+        "",
+        0,
+    ),
+    (
+        "churn",
+        "duplicates (received again after being taken)",
+        total(phase("steady", "duplicates"), phase("churn", "duplicates")),
+        "",
+        0,
+    ),
+    (
+        "churn",
+        "events lost (acked, never delivered)",
+        total(phase("steady", "lost"), phase("churn", "lost")),
+        "",
+        0,
+    ),
+    ("churn", "unknown-cursor answers", lambda r: unknown_cursors(phase("churn")(r) or {}), "", 0),
+    ("churn", "server CPU (% of one core)", phase("churn", "server_cpu_pct"), "", 0),
+    (
+        "churn",
+        "server CPU ms / 1,000 events",
+        phase("churn", "server_cpu_ms_per_1k_events"),
+        "down",
+        1,
+    ),
+    (
+        "churn",
+        "server CPU ms / 1,000 reconnects (all CPU)",
+        phase("churn", "server_cpu_ms_per_1k_reconnects"),
+        "down",
+        1,
+    ),
+    ("churn", "no hang-ups: server CPU (% of one core)", phase("steady", "server_cpu_pct"), "", 0),
+    (
+        "churn",
+        "no hang-ups: server CPU ms / 1,000 events",
+        phase("steady", "server_cpu_ms_per_1k_events"),
+        "down",
+        1,
+    ),
+    (
+        "churn",
+        "server CPU ms / 1,000 reconnects, net of the events",
+        dig("ratios", "net_cpu_ms_per_1k_reconnects"),
+        "down",
+        1,
+    ),
+    ("churn", "load generator CPU (% of one core)", phase("churn", "loadgen_cpu_pct"), "", 0),
+    (
+        "churn",
+        "other processes CPU, max of phases (% of one core)",
+        max_other,
+        "",
+        0,
+    ),
+]
+
+LOADGEN_ROW = "load generator CPU (% of one core)"  # rows ending so get the harness-bound flag
+NOISE_ROW = "(% of one core)"  # rows with "other processes CPU" and ending so get the noisy flag
 
 
 def per_1k_fanout(result: dict[str, Any]) -> float | None:
@@ -540,9 +865,10 @@ def table(results: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> 
         cells = [workload, label]
         for target in targets:
             cell = fmt(values[target], decimals)
-            if label in LOADGEN_ROWS and (values[target] or 0) >= HARNESS_BOUND_PCT:
+            if label.endswith(LOADGEN_ROW) and (values[target] or 0) >= HARNESS_BOUND_PCT:
                 cell += " ⚠ harness-bound"
-            if label in NOISE_ROWS and (values[target] or 0) >= NOISY_PCT:
+            noise = "other processes CPU" in label and label.endswith(NOISE_ROW)
+            if noise and (values[target] or 0) >= NOISY_PCT:
                 cell += " ⚠ noisy"
             cells.append(cell)
         if baseline:
@@ -578,43 +904,62 @@ def anomalies(passes: dict[str, list[dict[str, dict[str, Any]]]]) -> Iterator[st
 
 
 def pass_anomalies(target: str, workloads: dict[str, dict[str, Any]], tag: str) -> Iterator[str]:
-    for workload, r in workloads.items():
-        where = f"{target}/{workload}{tag}"
-        if "error" in r:
-            yield f"{where}: workload failed: {r['error']}"
-        for problem in r.get("server_problems", []):
-            yield f"{where}: {problem}"
-        for key in (
-            "lost",
-            "duplicates",
-            "misrouted",
-            "unparseable",
-            "delivered_but_not_acked",
-        ):
-            if r.get(key):
-                yield f"{where}: {key} = {r[key]}"
-        for key in ("write_errors", "failures"):
-            if r.get(key):
-                yield f"{where}: {key} = {r[key]}"
-        for key in ("readers_ended_or_lost", "early_lines", "extra_lines"):
-            if r.get(key):
-                yield f"{where}: {key} = {r[key]}"
-        if r.get("fanout_timed_out"):
-            yield (
-                f"{where}: fan-out timed out, {r.get('fanout_received')} of "
-                f"{r.get('readers')} readers got their event"
-            )
-        metrics = r.get("server_metrics") or {}
-        if workload == "throughput" and metrics:
-            received = metrics.get("megaphone_messages_received")
-            read = metrics.get("megaphone_messages_read")
-            acked, delivered = r.get("total_acked"), r.get("total_delivered")
-            if received is not None and received != acked:
-                yield f"{where}: server counted {received:.0f} received, client {acked} acked"
-            if read is not None and read != delivered:
-                yield f"{where}: server counted {read:.0f} read, client {delivered} delivered"
-        if r.get("loadgen_stderr"):
-            yield f"{where}: load generator stderr: {r['loadgen_stderr'][:300]}"
+    for workload, result in workloads.items():
+        phases = result.get("phases")
+        if isinstance(phases, dict):
+            for name, r in phases.items():
+                yield from result_anomalies(f"{target}/{workload}/{name}{tag}", workload, r)
+        else:
+            yield from result_anomalies(f"{target}/{workload}{tag}", workload, result)
+
+
+def result_anomalies(where: str, workload: str, r: dict[str, Any]) -> Iterator[str]:
+    if "error" in r:
+        yield f"{where}: workload failed: {r['error']}"
+    for problem in r.get("server_problems", []):
+        yield f"{where}: {problem}"
+    for key in (
+        "lost",
+        "duplicates",
+        "misrouted",
+        "unparseable",
+        "delivered_but_not_acked",
+    ):
+        if r.get(key):
+            yield f"{where}: {key} = {r[key]}"
+    for key in ("write_errors", "failures", "open_failures"):
+        if r.get(key):
+            yield f"{where}: {key} = {r[key]}"
+    for key in ("readers_ended_or_lost", "early_lines", "extra_lines", "readers_reopened_at_end"):
+        if r.get(key):
+            yield f"{where}: {key} = {r[key]}"
+    if r.get("fanout_timed_out"):
+        yield (
+            f"{where}: fan-out timed out, {r.get('fanout_received')} of "
+            f"{r.get('readers')} readers got their event"
+        )
+    headers = r.get("resume_headers") or {}
+    if headers.get("unknown-cursor"):
+        yield f"{where}: {headers['unknown-cursor']} reads answered unknown-cursor"
+    if r.get("cursors_sent") and not headers.get("resumed") and where.startswith("megaphone"):
+        yield f"{where}: {r['cursors_sent']} cursors sent, no read answered resumed ({headers})"
+    if r.get("dropped_never_replayed"):
+        yield (
+            f"{where}: {r['dropped_never_replayed']} events dropped at a hang-up were never "
+            "received again"
+        )
+    metrics = r.get("server_metrics") or {}
+    if workload in ("throughput", "resume", "churn") and metrics:
+        received = metrics.get("megaphone_messages_received")
+        read = metrics.get("megaphone_messages_read")
+        acked, delivered = r.get("total_acked"), r.get("total_delivered")
+        if received is not None and received != acked:
+            yield f"{where}: server counted {received:.0f} received, client {acked} acked"
+        # messages_read counts first sends only (replays are messages_replayed)
+        if read is not None and read != delivered:
+            yield f"{where}: server counted {read:.0f} read, client {delivered} delivered"
+    if r.get("loadgen_stderr"):
+        yield f"{where}: load generator stderr: {r['loadgen_stderr'][:300]}"
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -644,8 +989,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="before each workload wait up to this many seconds (60 s per run in all) for other "
         "load to stop (15)",
     )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated, from {','.join(WORKLOADS)} (all)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown_workloads = set(args.workloads) - set(WORKLOADS)
+    if unknown_workloads or not args.workloads:
+        parser.error(
+            f"unknown workloads {sorted(unknown_workloads)}; choose from {', '.join(WORKLOADS)}"
+        )
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(args.targets) - set(TARGETS)
     if unknown or not args.targets:
@@ -662,6 +1018,8 @@ def main(argv: list[str] | None = None) -> int:
         duration=duration,
         readers=args.readers if args.readers is not None else (1_000 if args.quick else 10_000),
         create_duration=min(duration, 2.0 if args.quick else 5.0),
+        phase_duration=min(duration, 2.0 if args.quick else 5.0),
+        workloads=tuple(w for w in WORKLOADS if w in args.workloads),
     )
     nofile = raise_nofile()
     if not pinned(0):
@@ -681,13 +1039,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     started = dt.datetime.now(dt.UTC)
     skipped: dict[str, str] = {}
-    if "nchan" in args.targets:
+    for target in args.targets:
+        if not plan.jobs(target):
+            skipped[target] = f"none of the workloads {', '.join(plan.workloads)} applies to it"
+    if "nchan" in args.targets and "nchan" not in skipped:
         reason = ensure_nchan(install=not args.no_install)
         if reason:
             skipped["nchan"] = reason
             print(f"skipping nchan: {reason}", file=sys.stderr)
     ran = [t for t in args.targets if t not in skipped]
-    starters: dict[str, Callable[[Path], Server]] = {
+    starters: dict[str, Starter] = {
         "megaphone": start_megaphone,
         "nchan": start_nchan,
     }
@@ -739,7 +1100,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{report['started']} · nproc {env['nproc']} · {env['cpu_model']} · "
         f"server on CPU {env['server_cpu']}, load generator on CPU {env['loadgen_cpu']} · "
-        f"throughput {plan.duration:g} s · {plan.readers:,} idle readers · "
+        f"workloads {','.join(plan.workloads)} · throughput {plan.duration:g} s · "
+        f"{plan.readers:,} idle readers · resume phases and churn {plan.phase_duration:g} s · "
         f"{'median of ' + str(args.repeat) + ' passes · ' if args.repeat > 1 else ''}"
         f"run took {elapsed:.0f} s · megaphone {env['megaphone_source']} · "
         f"background load before the run {background:.0f}% of one core\n"
