@@ -8,7 +8,12 @@ bound to it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -34,12 +39,75 @@ def make_settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
+class RedisServer:
+    """A real redis-server on a free loopback port, for the session."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Every server test runs against both channel stores (one contract suite)."""
+    if request.param == "memory":
+        return {"store": "memory"}
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    return {"store": "redis", "redis_url": redis.url, "redis_prefix": f"t{uuid.uuid4().hex}:"}
+
+
 @pytest.fixture
-async def server_factory() -> AsyncIterator[ServerFactory]:
+async def server_factory(store_settings: dict[str, Any]) -> AsyncIterator[ServerFactory]:
     started: list[MegaphoneServer] = []
 
     async def start(**overrides: Any) -> MegaphoneServer:
-        node = MegaphoneServer(make_settings(**overrides))
+        node = MegaphoneServer(make_settings(**{**store_settings, **overrides}))
         await node.start()
         started.append(node)
         return node

@@ -41,8 +41,9 @@ async def channel(http: httpx.AsyncClient) -> dict[str, Any]:
 
 @pytest.fixture
 async def other_node(server_factory: ServerFactory) -> MegaphoneServer:
-    """Another node with an agent of the same name but its own key."""
-    return await server_factory(poll_duration_millis=300)
+    """A node of another deployment, with an agent of the same name but its own key (with the
+    Redis store: another key prefix, as nodes sharing a prefix share their agents' keys)."""
+    return await server_factory(poll_duration_millis=300, redis_prefix="other-deployment:")
 
 
 async def counter(http: httpx.AsyncClient, name: str) -> int:

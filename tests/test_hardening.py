@@ -19,7 +19,7 @@ async def test_channel_limit(server_factory: ServerFactory) -> None:
         full = await http.post("/create")
         assert full.status_code == 503
         assert full.json()["code"] == "CHANNEL_LIMIT"
-        assert node.store.count() == 3
+        assert await node.store.count() == 3
         assert (await http.get("/healthz")).status_code == 200  # alive, just full
 
 

@@ -175,9 +175,9 @@ async def test_cancelled_writer_leaves_the_queue(store: MemoryStore) -> None:
 async def test_counts_and_listing(store: MemoryStore) -> None:
     for _ in range(5):
         await new_channel(store)
-    assert store.count() == 5
-    assert store.count("a") == 5
-    assert store.count("b") == 0
+    assert await store.count() == 5
+    assert await store.count("a") == 5
+    assert await store.count("b") == 0
     assert len(await store.list(0, 50)) == 5
     assert len(await store.list(3, 50)) == 2
     assert len(await store.list(1, 2)) == 2

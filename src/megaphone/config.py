@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     producer_token: SecretStr | None = None
     cors_allowed_origins: list[str] = Field(default_factory=lambda: ["*"])
     shutdown_grace_millis: int = Field(default=10_000, ge=0)
+    store: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "megaphone:"
+    redis_lease_margin_millis: int = Field(default=5_000, ge=0)
+    redis_poll_millis: int = Field(default=1_000, gt=0)
     webhooks: dict[str, Webhook] = Field(default_factory=dict)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

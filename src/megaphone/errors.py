@@ -17,6 +17,7 @@ and its wire code, so the HTTP layer translates it once into ``{"code": ..., "me
     ├── WriteTimeout          503 TIMEOUT
     ├── Skipped               503 SKIPPED   (write-batch only, as a failure reason)
     ├── Unavailable           503 UNAVAILABLE
+    │   └── StoreUnavailable  503 STORE_UNAVAILABLE
     ├── ChannelLimit          503 CHANNEL_LIMIT
     └── InternalError         500 INTERNAL_SERVER_ERROR
 """
@@ -101,6 +102,10 @@ class Unavailable(MegaphoneError):
     status, code, default_message = 503, "UNAVAILABLE", "service unavailable"
 
 
+class StoreUnavailable(Unavailable):
+    status, code, default_message = 503, "STORE_UNAVAILABLE", "the channel store is unreachable"
+
+
 class ChannelLimit(MegaphoneError):
     status, code, default_message = 503, "CHANNEL_LIMIT", "this node holds its maximum of channels"
 
@@ -122,6 +127,7 @@ __all__ = [
     "PayloadTooLarge",
     "RequestTimeout",
     "Skipped",
+    "StoreUnavailable",
     "Unauthorized",
     "Unavailable",
     "UriTooLong",

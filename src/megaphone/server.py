@@ -14,10 +14,34 @@ from megaphone.core.broker import Broker
 from megaphone.http.app import Api
 from megaphone.http.protocol import HttpLimits, HttpProtocol, HttpServerState
 from megaphone.metrics import Metrics
+from megaphone.store.base import ChannelStore
 from megaphone.store.memory import MemoryStore
 from megaphone.webhooks import WebhookNotifier
 
 log = logging.getLogger("megaphone.server")
+
+
+def build_store(settings: Settings, metrics: Metrics) -> ChannelStore:
+    """The channel store the settings ask for; an engine's library is imported only when used."""
+    if settings.store == "redis":
+        from megaphone.store.redis import RedisStore
+
+        return RedisStore(
+            url=settings.redis_url,
+            metrics=metrics,
+            prefix=settings.redis_prefix,
+            capacity=settings.channel_buffer_size,
+            replay_size=settings.replay_window_size,
+            ttl=settings.channel_ttl_millis / 1000,
+            lease=(settings.poll_duration_millis + settings.redis_lease_margin_millis) / 1000,
+            poll=settings.redis_poll_millis / 1000,
+        )
+    return MemoryStore(
+        metrics=metrics,
+        capacity=settings.channel_buffer_size,
+        replay_size=settings.replay_window_size,
+        ttl=settings.channel_ttl_millis / 1000,
+    )
 
 
 class MegaphoneServer:
@@ -27,14 +51,7 @@ class MegaphoneServer:
         self.settings = settings
         self.metrics = Metrics()
         self.registry = AgentRegistry()
-        for name, mode in settings.agents.items():
-            self.registry.add(name, mode, settings.agent_warmup_secs)
-        self.store = MemoryStore(
-            metrics=self.metrics,
-            capacity=settings.channel_buffer_size,
-            replay_size=settings.replay_window_size,
-            ttl=settings.channel_ttl_millis / 1000,
-        )
+        self.store = build_store(settings, self.metrics)
         self.webhooks = WebhookNotifier(settings.webhooks, settings.webhook_timeout_millis / 1000)
         self.broker = Broker(
             settings, self.store, self.registry, self.metrics, self.webhooks.channels_deleted
@@ -65,6 +82,12 @@ class MegaphoneServer:
     async def start(self) -> None:
         if self._closed:
             raise RuntimeError("server is closed")
+        settings = self.settings
+        shared = await self.store.agent_keys(list(settings.agents))
+        for name, mode in settings.agents.items():
+            key = shared[name] if shared is not None else None
+            self.registry.add(name, mode, settings.agent_warmup_secs, key=key)
+        await self.store.start()
         host, port = self.settings.host_port
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(

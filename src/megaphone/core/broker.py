@@ -69,7 +69,7 @@ class Broker:
                 )
         else:
             chosen = list(SUPPORTED_PROTOCOLS)
-        if self.store.count() >= self.settings.max_channels:
+        if await self.store.count() >= self.settings.max_channels:
             raise ChannelLimit(
                 f"this node holds its maximum of {self.settings.max_channels} channels"
             )
@@ -132,15 +132,16 @@ class Broker:
         key = self.registry.addresses.consumer(consumer)
         return await self.store.attach(key, sink, after)
 
-    def ready(self) -> str | None:
+    async def ready(self) -> str | None:
         """Why this node cannot create channels now, or None when it can."""
         if self.draining:
             return "shutting down"
         try:
             self.registry.pick_master()
+            await self.store.ping()
         except Unavailable as exc:
             return exc.message
-        if self.store.count() >= self.settings.max_channels:
+        if await self.store.count() >= self.settings.max_channels:
             return "channel limit reached"
         return None
 

@@ -34,6 +34,12 @@ def start(coro: Coroutine[Any, Any, T]) -> Done[T] | asyncio.Task[T]:
     return asyncio.get_running_loop().create_task(_drive(coro, yielded))
 
 
+def in_task(coro: Coroutine[Any, Any, T]) -> Done[T] | asyncio.Task[T]:
+    """Always a task: for code that needs ``asyncio.current_task()`` from its first step (for
+    example ``asyncio.timeout``, which redis-py uses)."""
+    return asyncio.get_running_loop().create_task(coro)
+
+
 async def _drive(coro: Coroutine[Any, Any, T], yielded: Any) -> T:
     while True:
         to_throw: BaseException | None = None

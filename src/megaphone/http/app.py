@@ -260,7 +260,7 @@ class Api:
         return 200, OK, JSON, b""
 
     async def readyz(self, request: Request, params: list[str]) -> Result:
-        reason = self.broker.ready()
+        reason = await self.broker.ready()
         if reason is not None:
             raise Unavailable(f"not ready: {reason}")
         return 200, OK, JSON, b""

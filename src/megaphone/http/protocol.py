@@ -71,6 +71,8 @@ class HttpServerState:
         self.limits = limits
         self.connections: set[HttpProtocol] = set()
         self.shutting_down = False
+        # inline when the store never needs a task to make progress (memory); else a task
+        self.start = eager.start if broker.store.runs_inline else eager.in_task
         self._all_closed: asyncio.Event | None = None
 
     def remove(self, connection: HttpProtocol) -> None:
@@ -153,7 +155,15 @@ class NdjsonStream:
         """End the read cleanly (window over, channel deleted, or shutdown)."""
         if self.done:
             return
-        self._stop()
+        released = self._stop()
+        if released is None:
+            self._complete()
+        else:
+            # end the response only once the lease is released, so that the client's next read
+            # (clients reconnect at once) does not find the channel still taken
+            released.add_done_callback(lambda _: self._complete())
+
+    def _complete(self) -> None:
         if not self._started:
             self._start()
         if self.chunked:
@@ -165,12 +175,13 @@ class NdjsonStream:
         if not self.done:
             self._stop()
 
-    def _stop(self) -> None:
+    def _stop(self) -> asyncio.Future[None] | None:
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
         if self.subscription is not None:
-            self.subscription.close()
+            return self.subscription.close()
+        return None
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -390,7 +401,7 @@ class HttpProtocol(asyncio.Protocol):
         request.cors = api.cors.headers(request)
         try:
             handler, params = api.route(request)
-            outcome = eager.start(handler(request, params))
+            outcome = self.state.start(handler(request, params))
         except MegaphoneError as exc:
             self._send_error(request, exc)
             return
@@ -488,7 +499,7 @@ class HttpProtocol(asyncio.Protocol):
         self.stream = stream
         self._disarm()
         try:
-            outcome = eager.start(self.state.broker.attach(read.consumer, stream, read.after))
+            outcome = self.state.start(self.state.broker.attach(read.consumer, stream, read.after))
         except Exception as exc:
             self._read_failed(request, stream, exc)
             return

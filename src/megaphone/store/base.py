@@ -14,6 +14,8 @@ layers above translate them once.
 from __future__ import annotations
 
 import abc
+import asyncio
+import builtins
 from enum import StrEnum
 from typing import NamedTuple, Protocol
 
@@ -60,8 +62,9 @@ class Subscription(Protocol):
         """The sink became writable again: deliver what is pending."""
         ...
 
-    def close(self) -> None:
-        """The read is over (window ended or client gone); idempotent."""
+    def close(self) -> asyncio.Future[None] | None:
+        """The read is over (window ended or client gone); idempotent. A store that releases the
+        reader lease asynchronously returns the future of that release."""
         ...
 
 
@@ -71,6 +74,10 @@ class ChannelInfo(NamedTuple):
 
 
 class ChannelStore(abc.ABC):
+    # True when every call either completes without suspending or only awaits futures the store
+    # resolves itself, so requests can run inline without a task (see megaphone.core.eager)
+    runs_inline: bool = False
+
     @abc.abstractmethod
     async def create(self, key: ChannelKey, consumer_address: str) -> None: ...
 
@@ -98,7 +105,17 @@ class ChannelStore(abc.ABC):
     async def list(self, skip: int, limit: int) -> list[ChannelInfo]: ...
 
     @abc.abstractmethod
-    def count(self, agent: str | None = None) -> int: ...
+    async def count(self, agent: str | None = None) -> int: ...
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect and start background work."""
+
+    async def ping(self) -> None:  # noqa: B027 - optional hook
+        """Raise ``StoreUnavailable`` when the store cannot serve requests now."""
+
+    async def agent_keys(self, names: builtins.list[str]) -> dict[str, bytes] | None:
+        """Agent keys shared by every node of the store, or None for keys local to this process."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources; idempotent."""

@@ -174,9 +174,12 @@ class _MemorySubscription:
             return
         self._closed = True
         self._store._detach(self._channel, self._sink)
+        return
 
 
 class MemoryStore(ChannelStore):
+    runs_inline = True
+
     def __init__(
         self,
         *,
@@ -315,7 +318,7 @@ class MemoryStore(ChannelStore):
             out.append(ChannelInfo(channel.address, channel.key.agent))
         return out
 
-    def count(self, agent: str | None = None) -> int:
+    async def count(self, agent: str | None = None) -> int:
         if agent is None:
             return len(self._channels)
         return self._per_agent.get(agent, 0)

@@ -1,0 +1,595 @@
+"""The Redis channel store: any node serves any channel, and a restart loses nothing.
+
+The only module that imports redis. Layout, with ``P`` the key prefix and ``{id}`` a hash tag (the
+agent name and the hex channel digest) so that Redis Cluster keeps one channel's keys on one shard:
+
+* ``P{id}:m`` hash: ``addr`` consumer address, ``created`` and ``exp`` (ms), ``np`` pending count,
+  ``dl`` stream id of the last event handed to a reader, ``reader``/``lease`` the one-reader lease,
+  ``confirmed`` the newest eid a cursor confirmed;
+* ``P{id}:p`` stream: the channel's events, pre-serialised (``e`` eid, ``l`` NDJSON line).
+  Entries up to ``dl`` are the replay window (trimmed to its size), entries after it are pending;
+* ``P{id}:w`` list: tickets of writers waiting for room, in arrival order (FIFO across nodes);
+* ``P{id}:n`` pub/sub channel: "new events" (``""``) or "deleted" (``"d"``) for the reading node;
+* ``Pexpiry`` sorted set: channel ids by the time to check them for expiry; ``Pcount``: channels;
+* ``Pagents`` hash: the agents' AES keys, shared by every node (first writer wins).
+
+Each step that must be atomic is a Lua script on one channel's keys. A reader's lease lasts its
+poll window plus a margin, so a crashed node cannot hold a channel forever. Expiry is a sweep on
+every node: the delete script runs on one channel's keys and only the node whose script deleted it
+reports it, so the ``on-channel-deleted`` webhook fires once per channel cluster-wide. Keys also
+carry a safety TTL, so nothing leaks if no node is left to sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from megaphone.core.addressing import ChannelKey, new_agent_key
+from megaphone.core.events import Event
+from megaphone.errors import Busy, NotFound, StoreUnavailable, WriteTimeout
+from megaphone.metrics import Metrics
+from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
+
+log = logging.getLogger("megaphone.store.redis")
+T = TypeVar("T")
+
+_LUA_IDS = """
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function gt(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am > bm or (am == bm and as > bs)
+end
+local function after(id)
+  local ms, seq = parse(id)
+  return ms .. '-' .. (seq + 1)
+end
+local function expire_all(ms)
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ms) end
+end
+"""
+
+# KEYS m p w; ARGV addr now ttl safety
+CREATE = """
+redis.call('HSET', KEYS[1], 'addr', ARGV[1], 'created', ARGV[2], 'exp', ARGV[2] + ARGV[3],
+           'np', 0, 'dl', '0-0')
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS m p w; ARGV eid line capacity ticket now enqueue notify safety
+WRITE = (
+    _LUA_IDS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local now = tonumber(ARGV[5])
+while true do
+  local head = redis.call('LINDEX', KEYS[3], 0)
+  if not head then break end
+  if tonumber(string.match(head, '^(%d+):')) < now then redis.call('LPOP', KEYS[3]) else break end
+end
+local head = redis.call('LINDEX', KEYS[3], 0)
+local queued_before = head and head ~= ARGV[4]
+if queued_before or tonumber(redis.call('HGET', KEYS[1], 'np')) >= tonumber(ARGV[3]) then
+  if ARGV[6] == '1' then
+    redis.call('RPUSH', KEYS[3], ARGV[4])
+    redis.call('PEXPIRE', KEYS[3], ARGV[8])
+  end
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[1], 'l', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'np', 1)
+if head == ARGV[4] then redis.call('LPOP', KEYS[3]) end
+if redis.call('HEXISTS', KEYS[1], 'reader') == 1 then redis.call('PUBLISH', ARGV[7], '') end
+if redis.call('PTTL', KEYS[2]) < 0 then
+  redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
+end
+return 1
+"""
+)
+
+# KEYS m p w; ARGV token now lease after safety → {status, start id}; status -1 gone, -2 busy,
+# 0 no cursor, 1 resumed, 2 unknown cursor
+ATTACH = (
+    _LUA_IDS
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
+local now = tonumber(ARGV[2])
+local lease = tonumber(redis.call('HGET', KEYS[1], 'lease') or '0')
+if redis.call('HEXISTS', KEYS[1], 'reader') == 1 and lease > now then return {-2, ''} end
+redis.call('HSET', KEYS[1], 'reader', ARGV[1], 'lease', now + tonumber(ARGV[3]))
+expire_all(ARGV[5])
+local dl = redis.call('HGET', KEYS[1], 'dl')
+if ARGV[4] == '' then return {0, dl} end
+local sent = redis.call('XRANGE', KEYS[2], '-', dl)
+for i = 1, #sent do
+  local id, fields = sent[i][1], sent[i][2]
+  if fields[2] == ARGV[4] then
+    redis.call('XTRIM', KEYS[2], 'MINID', after(id))
+    redis.call('HSET', KEYS[1], 'confirmed', ARGV[4])
+    return {1, id}
+  end
+end
+if redis.call('HGET', KEYS[1], 'confirmed') == ARGV[4] then return {1, '-'} end
+return {2, '-'}
+"""
+)
+
+# KEYS m p; ARGV token from count window → {code, new, id1, line1, id2, line2, ...};
+# code -1 lease lost, 0 ok. Marks the returned events as sent and trims the replay window.
+TAKE = (
+    _LUA_IDS
+    + """
+if redis.call('HGET', KEYS[1], 'reader') ~= ARGV[1] then return {-1, 0} end
+local start = ARGV[2]
+if start ~= '-' then start = '(' .. start end
+local entries = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', ARGV[3])
+local out = {0, 0}
+if #entries == 0 then return out end
+local dl = redis.call('HGET', KEYS[1], 'dl')
+local new = 0
+for i = 1, #entries do
+  local id = entries[i][1]
+  if gt(id, dl) then new = new + 1 end
+  out[#out + 1] = id
+  out[#out + 1] = entries[i][2][4]
+end
+out[2] = new
+local last = entries[#entries][1]
+if new > 0 then
+  redis.call('HINCRBY', KEYS[1], 'np', -new)
+  redis.call('HSET', KEYS[1], 'dl', last)
+  local window = tonumber(ARGV[4])
+  if window == 0 then
+    redis.call('XTRIM', KEYS[2], 'MINID', after(last))
+  else
+    local kept = redis.call('XREVRANGE', KEYS[2], last, '-', 'COUNT', window + 1)
+    if #kept > window then redis.call('XTRIM', KEYS[2], 'MINID', kept[window][1]) end
+  end
+end
+return out
+"""
+)
+
+# KEYS m p w; ARGV token now ttl safety → 1 released, 0 not ours
+RELEASE = (
+    _LUA_IDS
+    + """
+if redis.call('HGET', KEYS[1], 'reader') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'reader', 'lease')
+redis.call('HSET', KEYS[1], 'exp', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+expire_all(ARGV[4])
+return 1
+"""
+)
+
+# KEYS m p w; ARGV now ttl → {0} gone, {1, next check ms} not due, {2, addr, created, lost}
+EXPIRE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local now = tonumber(ARGV[1])
+local exp = tonumber(redis.call('HGET', KEYS[1], 'exp'))
+if redis.call('HEXISTS', KEYS[1], 'reader') == 1 then
+  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease'))
+  if lease > now then return {1, lease + tonumber(ARGV[2])} end
+  exp = math.max(exp, lease + tonumber(ARGV[2]))
+end
+if exp > now then return {1, exp} end
+local info = redis.call('HMGET', KEYS[1], 'addr', 'created', 'np')
+local lost = tonumber(info[3]) + redis.call('LLEN', KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return {2, info[1], info[2], lost}
+"""
+
+# KEYS m p w; ARGV notify → {0} gone, {1, lost}
+DELETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local lost = tonumber(redis.call('HGET', KEYS[1], 'np')) + redis.call('LLEN', KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('PUBLISH', ARGV[1], 'd')
+return {1, lost}
+"""
+
+STATUS = {0: ResumeStatus.NONE, 1: ResumeStatus.RESUMED, 2: ResumeStatus.UNKNOWN}
+TAKE_BATCH = 256
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Keys:
+    __slots__ = ("id", "keys", "meta", "notify")
+
+    def __init__(self, prefix: str, key: ChannelKey) -> None:
+        self.id = f"{key.agent}.{key.digest.hex()}"
+        base = f"{prefix}{{{self.id}}}"
+        self.meta = base + ":m"
+        self.keys = [self.meta, base + ":p", base + ":w"]
+        self.notify = base + ":n"
+
+
+class RedisStore(ChannelStore):
+    def __init__(
+        self,
+        *,
+        url: str,
+        metrics: Metrics,
+        prefix: str = "megaphone:",
+        capacity: int = 100,
+        replay_size: int = 100,
+        ttl: float = 60.0,
+        lease: float = 25.0,
+        poll: float = 1.0,
+    ) -> None:
+        self.metrics = metrics
+        self.prefix = prefix
+        self.capacity = capacity
+        self.replay_size = replay_size
+        self.ttl_ms = int(ttl * 1000)
+        self.lease_ms = int(lease * 1000)
+        self.poll = poll
+        # keys outlive their lifetime by a margin, so a channel is only ever removed by a sweep
+        # (which fires the webhook) unless no node is left to sweep
+        self.safety_ms = self.ttl_ms * 2 + self.lease_ms + 60_000
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        self._scripts = {
+            name: self.redis.register_script(source)
+            for name, source in {
+                "create": CREATE,
+                "write": WRITE,
+                "attach": ATTACH,
+                "take": TAKE,
+                "release": RELEASE,
+                "expire": EXPIRE,
+                "delete": DELETE,
+            }.items()
+        }
+        self._expiry = prefix + "expiry"
+        self._count = prefix + "count"
+        self._agents = prefix + "agents"
+        self._pubsub = self.redis.pubsub()
+        self._readers: dict[str, _RedisSubscription] = {}
+        self._releasing: dict[str, asyncio.Future[None]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    async def _call(self, what: Awaitable[T]) -> T:
+        """Run one Redis call, translating its failures once into ``StoreUnavailable``."""
+        try:
+            return await what
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._call(self._scripts[name](keys=keys, args=args))
+
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Future[T]:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def start(self) -> None:
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def ping(self) -> None:
+        await self._call(self.redis.ping())
+
+    async def agent_keys(self, names: list[str]) -> dict[str, bytes]:
+        """Each agent's key, shared by every node: the first node to start creates it."""
+        keys: dict[str, bytes] = {}
+        for name in names:
+            candidate = base64.b64encode(new_agent_key())
+            await self._call(self.redis.hsetnx(self._agents, name, candidate))
+            stored = await self._call(self.redis.hget(self._agents, name))
+            assert stored is not None
+            keys[name] = base64.b64decode(stored)
+        return keys
+
+    # --- ChannelStore -----------------------------------------------------------------------
+
+    async def create(self, key: ChannelKey, consumer_address: str) -> None:
+        ids = _Keys(self.prefix, key)
+        now = _now_ms()
+        await self._script("create", ids.keys, [consumer_address, now, self.ttl_ms, self.safety_ms])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self._expiry, {ids.id: now + self.ttl_ms})
+            pipe.incr(self._count)
+            pipe.incr(self._count_key(key.agent))
+            await self._call(pipe.execute())
+        self.metrics.channel_created += 1
+
+    async def exists(self, key: ChannelKey) -> bool:
+        return bool(await self._call(self.redis.exists(_Keys(self.prefix, key).meta)))
+
+    async def write(self, key: ChannelKey, event: Event, wait: float) -> None:
+        ids = _Keys(self.prefix, key)
+        deadline = time.monotonic() + wait
+        ticket = f"{_now_ms() + int(wait * 1000)}:{os.urandom(6).hex()}"
+        enqueue = "1" if wait > 0 else "0"
+        delay = 0.005
+        while True:
+            written = await self._script(
+                "write",
+                ids.keys,
+                [
+                    event.eid,
+                    event.line,
+                    self.capacity,
+                    ticket,
+                    _now_ms(),
+                    enqueue,
+                    ids.notify,
+                    self.safety_ms,
+                ],
+            )
+            if written == 1:
+                self.metrics.messages_received += 1
+                return
+            if written == -1:
+                self.metrics.messages_unroutable += 1
+                raise NotFound("channel not found")
+            enqueue = "0"  # queued once (FIFO); now wait for our turn and room
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                with contextlib.suppress(StoreUnavailable):
+                    await self._call(self.redis.lrem(ids.keys[2], 0, ticket))
+                raise WriteTimeout(f"channel buffer stayed full ({self.capacity} events)")
+            try:
+                await asyncio.sleep(min(delay, remaining))
+            except asyncio.CancelledError:
+                self._spawn(self.redis.lrem(ids.keys[2], 0, ticket))
+                raise
+            delay = min(delay * 2, 0.05)
+
+    async def attach(self, key: ChannelKey, sink: ReadSink, after: str | None) -> Subscription:
+        ids = _Keys(self.prefix, key)
+        releasing = self._releasing.get(ids.notify)
+        if releasing is not None:
+            # this node's last reader of the channel is still releasing its lease: a client
+            # reconnects at once, so let the release finish instead of answering 409
+            await asyncio.shield(releasing)
+        token = os.urandom(12).hex()
+        code, start = await self._script(
+            "attach",
+            ids.keys,
+            [token, _now_ms(), self.lease_ms, after or "", self.safety_ms + self.lease_ms],
+        )
+        if code == -1:
+            raise NotFound("channel not found")
+        if code == -2:
+            raise Busy("channel already has a reader")
+        subscription = _RedisSubscription(self, ids, sink, token, _text(start), STATUS[int(code)])
+        self._readers[ids.notify] = subscription
+        with contextlib.suppress(StoreUnavailable):  # the reader polls until notifications return
+            await self._call(self._pubsub.subscribe(ids.notify))
+        if self._listener is None:
+            await self.start()
+        return subscription
+
+    async def _take(
+        self, ids: _Keys, token: str, start: str
+    ) -> tuple[int, list[tuple[str, bytes]]]:
+        reply = await self._script(
+            "take", ids.keys[:2], [token, start, TAKE_BATCH, self.replay_size]
+        )
+        if int(reply[0]) == -1:
+            return -1, []
+        items = reply[2:]
+        return int(reply[1]), [(_text(items[i]), items[i + 1]) for i in range(0, len(items), 2)]
+
+    async def _release(self, ids: _Keys, token: str) -> None:
+        if self._readers.get(ids.notify) is not None and self._readers[ids.notify].token == token:
+            del self._readers[ids.notify]
+        with contextlib.suppress(StoreUnavailable):
+            await self._call(self._pubsub.unsubscribe(ids.notify))
+        now = _now_ms()
+        try:
+            released = await self._script(
+                "release", ids.keys, [token, now, self.ttl_ms, self.safety_ms]
+            )
+            if released:
+                await self._call(self.redis.zadd(self._expiry, {ids.id: now + self.ttl_ms}))
+        except StoreUnavailable:
+            log.warning("could not release a reader lease; it lapses by itself")
+
+    async def delete(self, key: ChannelKey) -> bool:
+        ids = _Keys(self.prefix, key)
+        reply = await self._script("delete", ids.keys, [ids.notify])
+        if int(reply[0]) == 0:
+            return False
+        await self._forget(ids.id)
+        self.metrics.channel_disposed += 1
+        self.metrics.messages_lost += int(reply[1])
+        return True
+
+    async def _forget(self, channel_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self._expiry, channel_id)
+            pipe.decr(self._count)
+            pipe.decr(self._count_key(channel_id.split(".", 1)[0]))
+            await self._call(pipe.execute())
+
+    async def expire(self) -> list[str]:
+        now = _now_ms()
+        due = await self._call(self.redis.zrangebyscore(self._expiry, "-inf", now, 0, 1000))
+        expired: list[str] = []
+        for raw in due:
+            channel_id = _text(raw)
+            base = f"{self.prefix}{{{channel_id}}}"
+            reply = await self._script(
+                "expire", [base + ":m", base + ":p", base + ":w"], [now, self.ttl_ms]
+            )
+            code = int(reply[0])
+            if code == 0:
+                await self._call(self.redis.zrem(self._expiry, channel_id))
+            elif code == 1:
+                await self._call(self.redis.zadd(self._expiry, {channel_id: int(reply[1])}))
+            else:
+                await self._forget(channel_id)
+                self.metrics.channel_disposed += 1
+                self.metrics.messages_lost += int(reply[3])
+                self.metrics.channel_duration.observe((now - int(reply[2])) / 1000)
+                expired.append(_text(reply[1]))
+        return expired
+
+    async def list(self, skip: int, limit: int) -> list[ChannelInfo]:
+        ids = await self._call(self.redis.zrange(self._expiry, skip, skip + limit - 1))
+        out = []
+        for raw in ids:
+            channel_id = _text(raw)
+            address = await self._call(self.redis.hget(f"{self.prefix}{{{channel_id}}}:m", "addr"))
+            if address is not None:
+                out.append(ChannelInfo(_text(address), channel_id.split(".", 1)[0]))
+        return out
+
+    async def count(self, agent: str | None = None) -> int:
+        """Channels in the whole cluster (of one agent, or of all)."""
+        value = await self._call(self.redis.get(self._count_key(agent)))
+        return int(value or 0)
+
+    def _count_key(self, agent: str | None) -> str:
+        return self._count if agent is None else f"{self._count}:{agent}"
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for subscription in list(self._readers.values()):
+            subscription.close()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=2)
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.aclose()
+
+    # --- notifications ----------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                if not self._pubsub.subscribed:
+                    await asyncio.sleep(0.05)
+                    continue
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=1.0
+                )
+                delay = 0.05
+            except (RedisError, OSError, RuntimeError) as exc:
+                log.warning("redis notifications interrupted", extra={"error": type(exc).__name__})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            subscription = self._readers.get(_text(message["channel"]))
+            if subscription is not None:
+                subscription.notified(_text(message["data"]))
+
+
+class _RedisSubscription:
+    """A reader attached on this node: a task that takes events from the stream into the sink."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        ids: _Keys,
+        sink: ReadSink,
+        token: str,
+        start: str,
+        status: ResumeStatus,
+    ) -> None:
+        self.store = store
+        self.ids = ids
+        self.sink = sink
+        self.token = token
+        self.last = start
+        self.status = status
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.released: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def start(self) -> None:
+        if not self.closed and self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def resume(self) -> None:
+        self.wake.set()
+
+    def notified(self, data: str) -> None:
+        if data == "d":
+            self._end()
+        else:
+            self.wake.set()
+
+    def close(self) -> asyncio.Future[None] | None:
+        if self.closed:
+            return self.released
+        self.closed = True
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        store, notify = self.store, self.ids.notify
+        self.released = released = store._spawn(store._release(self.ids, self.token))
+        store._releasing[notify] = released
+        released.add_done_callback(
+            lambda _: (
+                store._releasing.pop(notify, None)
+                if store._releasing.get(notify) is released
+                else None
+            )
+        )
+        return released
+
+    def _end(self) -> None:
+        if not self.closed:
+            self.sink.end()
+
+    async def _run(self) -> None:
+        store, metrics = self.store, self.store.metrics
+        while not self.closed:
+            self.wake.clear()
+            if self.sink.writable:
+                try:
+                    new, events = await store._take(self.ids, self.token, self.last)
+                except StoreUnavailable:
+                    events, new = [], 0
+                else:
+                    if new == -1:  # the lease is gone (channel deleted or lapsed)
+                        self._end()
+                        return
+                if events:
+                    self.last = events[-1][0]
+                    metrics.messages_read += new
+                    metrics.messages_replayed += len(events) - new
+                    self.sink.deliver([line for _, line in events])
+                    continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(store.poll):
+                    await self.wake.wait()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
