@@ -12,6 +12,10 @@ Workloads (``job["workload"]``):
 * ``idle``: N idle streaming readers; server RSS growth per reader, then one event into every
   channel and the time until every reader has it.
 * ``create``: closed-loop ``POST /create`` on keep-alive connections (megaphone only).
+* ``resume`` and ``churn``: one reader per channel that hangs up now and then and reconnects at
+  once with a resume cursor (``?after=`` / ``Last-Event-ID``; nchan: its eventsource subscriber);
+  writers closed-loop or paced; events delivered, lost, replayed and duplicated, reconnects/s,
+  read-open latency, server CPU per 1,000 events and reconnects. See :class:`Reconnecting`.
 """
 
 from __future__ import annotations

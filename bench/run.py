@@ -1,10 +1,12 @@
 """Megaphone benchmark, with nchan (nginx, C) as the baseline, in one command.
 
     .venv/bin/python bench/run.py [--quick] [--duration 10] [--targets megaphone,nchan]
+        [--workloads throughput,idle,create,resume,churn] [--repeat 3]
 
-For every target and workload a fresh server is started pinned to CPU 0 (``taskset``), the load
-generator (``bench/loadgen.py``) runs pinned to CPU 1, the server is stopped by PID. The results
-are printed as a markdown table and written to ``bench/results/latest.json``. See bench/README.md.
+For every target and workload (and every phase of the resume and churn workloads) a fresh server
+is started pinned to CPU 0 (``taskset``), the load generator (``bench/loadgen.py``) runs pinned to
+CPU 1, the server is stopped by PID. The results are printed as a markdown table and written to
+``bench/results/latest.json``. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -513,6 +515,7 @@ def run_workload(
     print(f"[{target}] {name} ...", file=sys.stderr, flush=True)
     params = dict(params)
     server_args: list[str] = params.pop("server_args", [])
+    began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"bench-{target}-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)
@@ -538,6 +541,7 @@ def run_workload(
                 result["server_pids"] = server.pids
                 result["server_args"] = server_args
     result["background_cpu_pct_before"] = background
+    result["took_s"] = round(time.monotonic() - began, 2)  # server start to stop, all included
     return result
 
 
@@ -729,7 +733,13 @@ ROWS += [
         "",
         0,
     ),
-    ("resume", f"{C}: 409 busy answers to a reconnect", phase("cursor", "total_busy"), "", 0),
+    (
+        "resume",
+        f"{C}: 409 busy answers to a reconnect (phase)",
+        phase("cursor", "total_busy"),
+        "",
+        0,
+    ),
     ("resume", f"{P}: server CPU (% of one core)", phase("plain", "server_cpu_pct"), "", 0),
     ("resume", f"{C}: server CPU (% of one core)", phase("cursor", "server_cpu_pct"), "", 0),
     (

@@ -170,5 +170,7 @@ class Broker:
             await asyncio.sleep(interval)
             try:
                 await self.sweep()
+            except MegaphoneError as exc:  # e.g. the store is unreachable: try again next time
+                log.warning("expiry sweep skipped", extra={"code": exc.code, "detail": exc.message})
             except Exception:
                 log.exception("expiry sweep failed")
