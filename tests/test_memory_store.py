@@ -55,7 +55,7 @@ async def open_read(
 
 async def new_channel(store: MemoryStore) -> tuple[str, ChannelKey]:
     address, key = new_consumer_address("a")
-    await store.create(key, address)
+    await store.create(key, address, 1_000_000)
     return address, key
 
 

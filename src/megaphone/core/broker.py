@@ -18,7 +18,6 @@ from megaphone.core.events import Event, make_event
 from megaphone.errors import (
     BadRequest,
     BatchTooLarge,
-    ChannelLimit,
     MegaphoneError,
     Skipped,
     Unavailable,
@@ -69,13 +68,9 @@ class Broker:
                 )
         else:
             chosen = list(SUPPORTED_PROTOCOLS)
-        if await self.store.count() >= self.settings.max_channels:
-            raise ChannelLimit(
-                f"this node holds its maximum of {self.settings.max_channels} channels"
-            )
         agent = self.registry.pick_master()
         consumer, key = new_consumer_address(agent.name)
-        await self.store.create(key, consumer)
+        await self.store.create(key, consumer, self.settings.max_channels)
         return {
             "channelId": consumer,
             "producerAddress": agent.cipher.producer_address(key.digest),

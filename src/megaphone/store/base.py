@@ -79,7 +79,8 @@ class ChannelStore(abc.ABC):
     runs_inline: bool = False
 
     @abc.abstractmethod
-    async def create(self, key: ChannelKey, consumer_address: str) -> None: ...
+    async def create(self, key: ChannelKey, consumer_address: str, limit: int) -> None:
+        """Create a channel unless the store already holds ``limit`` channels (ChannelLimit)."""
 
     @abc.abstractmethod
     async def exists(self, key: ChannelKey) -> bool: ...

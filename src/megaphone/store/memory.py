@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from megaphone.core.addressing import ChannelKey
 from megaphone.core.events import Event
-from megaphone.errors import Busy, NotFound, WriteTimeout
+from megaphone.errors import Busy, ChannelLimit, NotFound, WriteTimeout
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
 
@@ -203,7 +203,9 @@ class MemoryStore(ChannelStore):
         self._seq += 1
         heapq.heappush(self._deadlines, (channel.expires_at, self._seq, channel.key))
 
-    async def create(self, key: ChannelKey, consumer_address: str) -> None:
+    async def create(self, key: ChannelKey, consumer_address: str, limit: int) -> None:
+        if len(self._channels) >= limit:
+            raise ChannelLimit(f"this node holds its maximum of {limit} channels")
         channel = MemoryChannel(
             key,
             consumer_address,

@@ -32,11 +32,15 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from megaphone.core.addressing import ChannelKey, new_agent_key
 from megaphone.core.events import Event
-from megaphone.errors import Busy, NotFound, StoreUnavailable, WriteTimeout
+from megaphone.errors import Busy, ChannelLimit, NotFound, StoreUnavailable, WriteTimeout
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
 
@@ -244,7 +248,15 @@ class RedisStore(ChannelStore):
         # keys outlive their lifetime by a margin, so a channel is only ever removed by a sweep
         # (which fires the webhook) unless no node is left to sweep
         self.safety_ms = self.ttl_ms * 2 + self.lease_ms + 60_000
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        # a pooled connection that predates a Redis restart fails its next command: retry it on
+        # a fresh connection instead of answering 503 while Redis is back
+        self.redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self._scripts = {
             name: self.redis.register_script(source)
             for name, source in {
@@ -304,15 +316,25 @@ class RedisStore(ChannelStore):
 
     # --- ChannelStore -----------------------------------------------------------------------
 
-    async def create(self, key: ChannelKey, consumer_address: str) -> None:
+    async def create(self, key: ChannelKey, consumer_address: str, limit: int) -> None:
         ids = _Keys(self.prefix, key)
+        # reserve a place first, so that concurrent creates on any node never overshoot the limit
+        if await self._call(self.redis.incr(self._count)) > limit:
+            await self._call(self.redis.decr(self._count))
+            raise ChannelLimit(f"the cluster holds its maximum of {limit} channels")
         now = _now_ms()
-        await self._script("create", ids.keys, [consumer_address, now, self.ttl_ms, self.safety_ms])
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self._expiry, {ids.id: now + self.ttl_ms})
-            pipe.incr(self._count)
-            pipe.incr(self._count_key(key.agent))
-            await self._call(pipe.execute())
+        try:
+            await self._script(
+                "create", ids.keys, [consumer_address, now, self.ttl_ms, self.safety_ms]
+            )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self._expiry, {ids.id: now + self.ttl_ms})
+                pipe.incr(self._count_key(key.agent))
+                await self._call(pipe.execute())
+        except StoreUnavailable:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.decr(self._count)
+            raise
         self.metrics.channel_created += 1
 
     async def exists(self, key: ChannelKey) -> bool:
@@ -420,11 +442,14 @@ class RedisStore(ChannelStore):
         return True
 
     async def _forget(self, channel_id: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(self._expiry, channel_id)
-            pipe.decr(self._count)
-            pipe.decr(self._count_key(channel_id.split(".", 1)[0]))
-            await self._call(pipe.execute())
+        """Drop a deleted channel from the index and the counts. Only the node whose ZREM removed
+        the index entry decrements, so the counts stay exact whoever noticed the deletion (a
+        sweep, a delete, or keys that lapsed by their safety TTL)."""
+        if await self._call(self.redis.zrem(self._expiry, channel_id)):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.decr(self._count)
+                pipe.decr(self._count_key(channel_id.split(".", 1)[0]))
+                await self._call(pipe.execute())
 
     async def expire(self) -> list[str]:
         now = _now_ms()
@@ -437,8 +462,8 @@ class RedisStore(ChannelStore):
                 "expire", [base + ":m", base + ":p", base + ":w"], [now, self.ttl_ms]
             )
             code = int(reply[0])
-            if code == 0:
-                await self._call(self.redis.zrem(self._expiry, channel_id))
+            if code == 0:  # already gone (deleted, or its keys lapsed): keep the counts exact
+                await self._forget(channel_id)
             elif code == 1:
                 await self._call(self.redis.zadd(self._expiry, {channel_id: int(reply[1])}))
             else:

@@ -1,0 +1,764 @@
+"""The Redis store across nodes and failures (issue #4), against real redis-server processes.
+
+Two in-process nodes share the session's redis-server (``redis_server``) under a fresh key prefix
+per test; the crash and restart tests run ``megaphone`` as a real subprocess (SIGKILL / SIGTERM);
+the outage tests stop and restart a private redis-server of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from conftest import RedisServer, base_url, create_channel, free_port, make_settings, read_events
+from megaphone.core.addressing import parse_consumer
+from megaphone.server import MegaphoneServer
+
+MEGAPHONE = str(Path(sys.executable).parent / "megaphone")
+AGENT = "test-agent"  # every node of a test serves the same agent, whose key lives in Redis
+# seconds: an upper bound for every retry loop, only there to turn a hang into a failure
+HANG_GUARD = 20.0
+
+NodeFactory = Callable[..., Awaitable[MegaphoneServer]]
+
+
+# --- fixtures and helpers ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"cluster{uuid.uuid4().hex}:"
+
+
+@pytest.fixture
+async def start_node(redis_server: RedisServer, prefix: str) -> AsyncIterator[NodeFactory]:
+    """In-process nodes on the session's redis-server, all under this test's prefix."""
+    started: list[MegaphoneServer] = []
+
+    async def start(**overrides: Any) -> MegaphoneServer:
+        settings: dict[str, Any] = {
+            "store": "redis",
+            "redis_url": redis_server.url,
+            "redis_prefix": prefix,
+            "agent": AGENT,
+            "redis_poll_millis": 200,
+        }
+        node = MegaphoneServer(make_settings(**{**settings, **overrides}))
+        await node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        await node.aclose(grace=1.0)
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A direct connection, to look at the documented key layout."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def channel_key(prefix: str, consumer: str, suffix: str) -> str:
+    """``P{agent.digest}:<suffix>``, the layout of megaphone.store.redis."""
+    key = parse_consumer(consumer)
+    return f"{prefix}{{{key.agent}.{key.digest.hex()}}}:{suffix}"
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + HANG_GUARD
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def lines_of(reply: httpx.Response) -> list[dict[str, Any]]:
+    assert reply.status_code == 200, reply.text
+    return [json.loads(line) for line in reply.text.splitlines()]
+
+
+def bodies(events: list[dict[str, Any]]) -> list[Any]:
+    return [event["body"] for event in events]
+
+
+async def write(http: httpx.AsyncClient, producer: str, body: Any) -> None:
+    reply = await http.post(f"/write/{producer}/s", json=body)
+    assert reply.status_code == 201, reply.text
+
+
+async def read_when_free(
+    http: httpx.AsyncClient, consumer: str, headers: dict[str, str] | None = None
+) -> tuple[list[int], httpx.Response]:
+    """Read, retrying while another reader holds the lease; the statuses seen, the final reply."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + HANG_GUARD
+    while True:
+        reply = await http.get(f"/read/{consumer}", headers=headers)
+        statuses.append(reply.status_code)
+        if reply.status_code != 409:
+            return statuses, reply
+        assert reply.json()["code"] == "BUSY"
+        assert time.monotonic() < deadline, "the lease never lapsed"
+        await asyncio.sleep(0.05)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.lower().startswith("megaphone_")}
+    env.update(extra)
+    return env
+
+
+class Process:
+    """``megaphone`` as a real subprocess on the Redis store; its port comes from its log line."""
+
+    def __init__(self, cwd: Path, redis_url: str, prefix: str, *flags: str) -> None:
+        env = clean_env(
+            megaphone_store="redis", megaphone_redis_url=redis_url, megaphone_redis_prefix=prefix
+        )
+        args = [MEGAPHONE, "--address", "127.0.0.1:0", "--agent", AGENT, *flags]
+        self.process = subprocess.Popen(args, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+        assert self.process.stderr is not None
+        self.lines: list[str] = []
+        for line in self.process.stderr:
+            self.lines.append(line)
+            match = re.search(r'msg="megaphone listening" address=([\d.]+):(\d+)', line)
+            if match:
+                self.url = f"http://{match[1]}:{match[2]}"
+                break
+        else:
+            raise AssertionError("megaphone did not start:\n" + "".join(self.lines))
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _read_rest(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self) -> int:
+        """Wait for the exit (blocking: call through a thread); the exit code."""
+        return self.process.wait(timeout=15)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._drain.join(timeout=5)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.close()
+
+
+async def spawn(
+    processes: list[Process], cwd: Path, redis_url: str, prefix: str, *flags: str
+) -> Process:
+    process = await asyncio.to_thread(Process, cwd, redis_url, prefix, *flags)
+    processes.append(process)
+    return process
+
+
+class Receiver:
+    """A real HTTP webhook receiver in a thread that records the bodies it is posted."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        received = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers["content-length"])
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def posted(self) -> list[str]:
+        return [address for body in list(self.bodies) for address in body["channels"]]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    made = Receiver()
+    yield made
+    made.close()
+
+
+# --- 1. two nodes, one Redis ------------------------------------------------------------------
+
+
+async def test_create_on_a_write_on_b_read_on_a(start_node: NodeFactory) -> None:
+    a = await start_node(poll_duration_millis=1000)
+    b = await start_node(poll_duration_millis=1000)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        channel = await create_channel(http_a)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        exists = await http_b.post("/channelsExists", json={"channels": [producer, consumer]})
+        assert exists.json() == {"channels": {producer: True, consumer: True}}
+        for n in range(3):
+            await write(http_b, producer, n)
+        events = await read_events(http_a, consumer, 3)
+        assert bodies(events) == [0, 1, 2]
+        # and live: a reader attached on A gets what B writes while it waits
+        async with http_a.stream("GET", f"/read/{consumer}") as reply:
+            assert reply.status_code == 200
+            await write(http_b, producer, "live")
+            lines = reply.aiter_lines()
+            assert json.loads(await anext(lines))["body"] == "live"
+
+
+async def test_write_blocked_on_a_is_released_by_a_read_on_b(
+    start_node: NodeFactory, redis_client: aioredis.Redis, prefix: str
+) -> None:
+    settings = {"channel_buffer_size": 2, "write_timeout_millis": 15_000}
+    a = await start_node(**settings)
+    b = await start_node(**settings)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        channel = await create_channel(http_a)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        await write(http_a, producer, 0)
+        await write(http_a, producer, 1)
+        blocked = asyncio.create_task(http_a.post(f"/write/{producer}/s", json=2))
+        waiting = channel_key(prefix, consumer, "w")
+
+        async def queued() -> bool:
+            return bool(await redis_client.llen(waiting) == 1)
+
+        await wait_for(queued, "the third write to queue")
+        await asyncio.sleep(0.2)
+        assert not blocked.done()  # the buffer is full: the write waits
+        events = await read_events(http_b, consumer, 3)
+        assert bodies(events) == [0, 1, 2]
+        reply = await blocked
+        assert reply.status_code == 201, reply.text
+
+
+async def test_second_reader_on_the_other_node_is_busy(start_node: NodeFactory) -> None:
+    a = await start_node(poll_duration_millis=1000)
+    b = await start_node(poll_duration_millis=1000)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        channel = await create_channel(http_b)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        async with http_a.stream("GET", f"/read/{consumer}") as first:
+            assert first.status_code == 200
+            busy = await http_b.get(f"/read/{consumer}")
+            assert busy.status_code == 409
+            assert busy.json()["code"] == "BUSY"
+            with_cursor = await http_b.get(f"/read/{consumer}", headers={"Last-Event-ID": "x"})
+            assert with_cursor.status_code == 409
+            await first.aread()  # A's window ends (its lease is released before the last chunk)
+        # a client that reconnects at once, to the other node, is not refused
+        await write(http_a, producer, "next")
+        second = await http_b.get(f"/read/{consumer}")
+        assert bodies(lines_of(second)) == ["next"]
+
+
+async def test_queued_writers_on_both_nodes_keep_fifo_order(
+    start_node: NodeFactory, redis_client: aioredis.Redis, prefix: str
+) -> None:
+    settings = {"channel_buffer_size": 1, "write_timeout_millis": 15_000}
+    a = await start_node(**settings)
+    b = await start_node(**settings)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        channel = await create_channel(http_a)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        await write(http_a, producer, "fill")
+        waiting = channel_key(prefix, consumer, "w")
+        writers: list[asyncio.Task[httpx.Response]] = []
+        for n in range(8):
+            http = (http_a, http_b)[n % 2]
+            writers.append(asyncio.create_task(http.post(f"/write/{producer}/s", json=n)))
+
+            async def queued(count: int = n + 1) -> bool:
+                return bool(await redis_client.llen(waiting) == count)
+
+            await wait_for(queued, f"writer {n} to queue")  # arrival order is known
+        events = await read_events(http_b, consumer, 9)
+        assert bodies(events) == ["fill", *range(8)]
+        assert [(await w).status_code for w in writers] == [201] * 8
+
+
+async def test_expiry_webhook_fires_once_per_channel_cluster_wide(
+    start_node: NodeFactory, receiver: Receiver, redis_client: aioredis.Redis, prefix: str
+) -> None:
+    """Both nodes sweep every 20 ms; each expired channel is posted exactly once, and a channel
+    read on A is kept alive against B's sweeps until its read ends."""
+    settings = {
+        "channel_ttl_millis": 300,
+        "sweep_interval_millis": 20,
+        "poll_duration_millis": 2000,
+        "webhooks": {"audit": {"hook": "on-channel-deleted", "endpoint": receiver.url}},
+    }
+    a = await start_node(**settings)
+    b = await start_node(**settings)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        held = (await create_channel(http_b))["consumerAddress"]
+        async with http_a.stream("GET", f"/read/{held}") as reading:
+            assert reading.status_code == 200
+            created = [
+                (await create_channel((http_a, http_b)[n % 2]))["consumerAddress"]
+                for n in range(20)
+            ]
+
+            async def all_posted() -> bool:
+                return set(receiver.posted()) >= set(created)
+
+            await wait_for(all_posted, "every expired channel to be posted")
+            assert held not in receiver.posted()  # a reader is attached: it never expires
+            exists = await http_b.post("/channelsExists", json={"channels": [held]})
+            assert exists.json()["channels"][held]
+            assert not reading.is_closed
+            await reading.aread()  # the window ends: the channel's lifetime starts again
+
+        async def held_posted() -> bool:
+            return held in receiver.posted()
+
+        await wait_for(held_posted, "the channel to expire once its read ended")
+        await asyncio.sleep(0.3)  # many more sweeps on both nodes
+        assert Counter(receiver.posted()) == Counter([*created, held])  # each exactly once
+        exists = await http_a.post("/channelsExists", json={"channels": [*created, held]})
+        assert not any(exists.json()["channels"].values())
+    assert int(await redis_client.get(prefix + "count") or 0) == 0
+    assert await redis_client.zcard(prefix + "expiry") == 0
+    assert a.metrics.channel_disposed + b.metrics.channel_disposed == len(created) + 1
+
+
+async def test_max_channels_counts_the_whole_cluster(start_node: NodeFactory) -> None:
+    a = await start_node(max_channels=3)
+    b = await start_node(max_channels=3)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        first = await create_channel(http_a)
+        await create_channel(http_a)
+        await create_channel(http_b)
+        for http in (http_a, http_b):
+            refused = await http.post("/create")
+            assert refused.status_code == 503
+            assert refused.json()["code"] == "CHANNEL_LIMIT"
+            assert (await http.get("/readyz")).status_code == 503
+        # a channel deleted on A frees a slot on B
+        assert await a.store.delete(parse_consumer(first["consumerAddress"]))
+        assert (await http_b.get("/readyz")).status_code == 200
+        await create_channel(http_b)
+        assert (await http_a.post("/create")).json()["code"] == "CHANNEL_LIMIT"
+
+
+# --- 2. a node killed mid-read ----------------------------------------------------------------
+
+
+async def test_reader_resumes_on_b_after_a_is_killed_mid_read(
+    start_node: NodeFactory,
+    processes: list[Process],
+    redis_server: RedisServer,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    """A (a subprocess: lease = 1500 ms window + 500 ms margin) dies with SIGKILL while streaming;
+    the client got only the first 5 of the 10 events A sent (the rest were in flight). B refuses
+    the channel until A's lease lapses, then replays everything after the cursor, then pending."""
+    a = await spawn(
+        processes,
+        tmp_path,
+        redis_server.url,
+        prefix,
+        "--poll-duration-millis",
+        "1500",
+        "--redis-lease-margin-millis",
+        "500",
+    )
+    b = await start_node(poll_duration_millis=800)
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        channel = await create_channel(http_a)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        for n in range(10):
+            await write(http_a, producer, n)
+        received: list[dict[str, Any]] = []
+        async with http_a.stream("GET", f"/read/{consumer}") as reply:
+            assert reply.status_code == 200
+            async for line in reply.aiter_lines():
+                received.append(json.loads(line))
+                if len(received) == 5:
+                    break
+            a.signal(signal.SIGKILL)
+            assert await asyncio.to_thread(a.wait) == -signal.SIGKILL
+        assert bodies(received) == [0, 1, 2, 3, 4]
+        for n in range(10, 15):  # the producer carries on through B
+            await write(http_b, producer, n)
+        cursor = {"Last-Event-ID": received[-1]["eid"]}
+        statuses, reply = await read_when_free(http_b, consumer, cursor)
+        assert statuses[0] == 409  # A's lease still holds the channel
+        assert statuses[-1] == 200
+        assert reply.headers["megaphone-resume"] == "resumed"
+        resumed = lines_of(reply)
+        assert bodies(resumed) == list(range(5, 15))  # sent-but-unconfirmed, then pending
+        merged = list({event["eid"]: event for event in received + resumed}.values())
+        assert bodies(merged) == list(range(15))
+        assert len({event["eid"] for event in resumed}) == len(resumed)
+
+
+# --- 3. a broker restart ----------------------------------------------------------------------
+
+
+async def test_restart_keeps_pending_events_and_producer_addresses(
+    processes: list[Process], redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """SIGTERM a node, start a new process on the same Redis and prefix: the pending events, the
+    replay window and the agent key (so the old producer address) are all still there; and a node
+    stopped while a reader is attached releases its lease, so the reader resumes at once."""
+    flags = ("--poll-duration-millis", "5000")
+    first = await spawn(processes, tmp_path, redis_server.url, prefix, *flags)
+    async with httpx.AsyncClient(base_url=first.url, timeout=30) as http:
+        channel = await create_channel(http)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        for n in range(5):
+            await write(http, producer, n)
+        sent = await read_events(http, consumer, 5)
+        assert bodies(sent) == [0, 1, 2, 3, 4]
+        for n in range(5, 8):  # pending at the restart
+            await write(http, producer, n)
+    first.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(first.wait) == 0
+
+    second = await spawn(processes, tmp_path, redis_server.url, prefix, *flags)
+    async with httpx.AsyncClient(base_url=second.url, timeout=30) as http:
+        exists = await http.post("/channelsExists", json={"channels": [producer, consumer]})
+        assert exists.json() == {"channels": {producer: True, consumer: True}}
+        pending = await read_events(http, consumer, 3)
+        assert bodies(pending) == [5, 6, 7]
+        await write(http, producer, 8)  # the old producer address still writes: same agent key
+        # the replay window survived too: resume from the first read's third event
+        cursor = {"Last-Event-ID": sent[2]["eid"]}
+        replayed = await read_events(http, consumer, 6, headers=cursor)
+        assert bodies(replayed) == [3, 4, 5, 6, 7, 8]
+        assert [e["eid"] for e in replayed[2:5]] == [e["eid"] for e in pending]
+        # a rolling restart with a reader attached: the read ends cleanly, the lease is released
+        async with http.stream("GET", f"/read/{consumer}") as reading:
+            assert reading.status_code == 200
+            await write(http, producer, 9)
+            lines = reading.aiter_lines()
+            last = json.loads(await anext(lines))
+            assert last["body"] == 9
+            second.signal(signal.SIGTERM)
+            assert [line async for line in lines] == []
+    assert await asyncio.to_thread(second.wait) == 0
+
+    third = await spawn(processes, tmp_path, redis_server.url, prefix, *flags)
+    async with httpx.AsyncClient(base_url=third.url, timeout=30) as http:
+        await write(http, producer, 10)
+        resumed = await read_events(http, consumer, 1, headers={"Last-Event-ID": last["eid"]})
+        assert bodies(resumed) == [10]  # first attempt: no 409, nothing replayed twice
+
+
+# --- 4. Redis stopped and restarted under load ------------------------------------------------
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, with an append-only file so that its data survives the
+    restart: the test then also checks that no acknowledged write is lost across the outage."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "yes", "--dir", str(self.directory), "--loglevel", "warning"]
+        self.process = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + HANG_GUARD
+        while not self.pong():
+            assert self.process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def pong(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # a clean shutdown flushes the append-only file
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def private_node(private_redis: PrivateRedis, prefix: str) -> AsyncIterator[NodeFactory]:
+    """In-process nodes on the test's private redis-server."""
+    started: list[MegaphoneServer] = []
+
+    async def start(**overrides: Any) -> MegaphoneServer:
+        settings: dict[str, Any] = {
+            "store": "redis",
+            "redis_url": private_redis.url,
+            "redis_prefix": prefix,
+            "agent": AGENT,
+        }
+        node = MegaphoneServer(make_settings(**{**settings, **overrides}))
+        await node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        await node.aclose(grace=1.0)
+
+
+async def until_served(send: Callable[[], Awaitable[httpx.Response]], ok: int) -> httpx.Response:
+    """Retry while the store is unavailable (or a lease left by the outage lapses)."""
+    deadline = time.monotonic() + HANG_GUARD
+    while True:
+        reply = await send()
+        if reply.status_code == ok:
+            return reply
+        assert (reply.status_code, reply.json()["code"]) in {
+            (503, "STORE_UNAVAILABLE"),
+            (409, "BUSY"),
+        }, reply.text
+        assert time.monotonic() < deadline, f"still {reply.status_code}: {reply.text}"
+        await asyncio.sleep(0.05)
+
+
+class Load:
+    """One writer and one resuming reader on a channel, recording every answer."""
+
+    def __init__(self, http: httpx.AsyncClient, producer: str, consumer: str) -> None:
+        self.http = http
+        self.producer = producer
+        self.consumer = consumer
+        self.stop = asyncio.Event()
+        self.acked: list[int] = []
+        self.writes: Counter[tuple[int, str]] = Counter()
+        self.reads: Counter[tuple[int, str]] = Counter()
+        self.events: dict[str, int] = {}  # eid → body, deduplicated, in arrival order
+
+    @staticmethod
+    def code(reply: httpx.Response) -> str:
+        return str(reply.json()["code"]) if reply.status_code >= 400 else ""
+
+    async def writer(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            reply = await self.http.post(f"/write/{self.producer}/s", json=n)
+            self.writes[reply.status_code, self.code(reply)] += 1
+            if reply.status_code == 201:
+                self.acked.append(n)
+            n += 1
+            await asyncio.sleep(0.005)
+
+    async def reader(self) -> None:
+        cursor: str | None = None
+        while not self.stop.is_set() or len(self.events) < len(self.acked):
+            headers = {"Last-Event-ID": cursor} if cursor else {}
+            async with self.http.stream("GET", f"/read/{self.consumer}", headers=headers) as reply:
+                if reply.status_code != 200:
+                    await reply.aread()
+                    self.reads[reply.status_code, self.code(reply)] += 1
+                    await asyncio.sleep(0.02)
+                    continue
+                self.reads[200, ""] += 1
+                async for line in reply.aiter_lines():
+                    event = json.loads(line)
+                    self.events.setdefault(event["eid"], event["body"])
+                    cursor = event["eid"]
+
+
+async def test_redis_outage_under_load_is_survived(
+    private_node: NodeFactory, private_redis: PrivateRedis
+) -> None:
+    """The node answers 503 STORE_UNAVAILABLE while Redis is down, stays up, and recovers by
+    itself when Redis returns on the same port with its data (append-only file): every write
+    acknowledged with 201 is read, once and in order, by a reader that resumes with its cursor."""
+    node = await private_node(
+        poll_duration_millis=500,
+        redis_lease_margin_millis=500,
+        redis_poll_millis=100,
+        write_timeout_millis=2000,
+    )
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:
+        channel = await create_channel(http)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        load = Load(http, producer, consumer)
+        tasks = [asyncio.create_task(load.writer()), asyncio.create_task(load.reader())]
+
+        async def written(count: int) -> bool:
+            return len(load.acked) >= count
+
+        await wait_for(lambda: written(20), "writes before the outage")
+        await asyncio.to_thread(private_redis.stop)
+        acked_before = len(load.acked)
+
+        async def refused() -> bool:
+            unavailable = (503, "STORE_UNAVAILABLE")
+            return load.writes[unavailable] >= 5 and load.reads[unavailable] >= 2
+
+        # until the reader's window has ended during the outage and its next reads were refused
+        await wait_for(refused, "writes and reads refused during the outage")
+        for reply in (
+            await http.post("/create"),
+            await http.post(f"/write/{producer}/s", json="down"),
+            await http.get(f"/read/{consumer}"),
+            await http.post("/channelsExists", json={"channels": [consumer]}),
+        ):
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["code"] == "STORE_UNAVAILABLE"
+        assert (await http.get("/readyz")).status_code == 503
+        assert (await http.get("/healthz")).status_code == 200
+
+        await asyncio.to_thread(private_redis.start)
+        await until_served(lambda: http.post("/create"), 200)  # the node recovers by itself
+        await wait_for(lambda: written(acked_before + 20), "writes after the outage")
+        await until_served(lambda: http.get("/readyz"), 200)
+        fresh = (await until_served(lambda: http.post("/create"), 200)).json()
+        write_after = f"/write/{fresh['producerAddress']}/s"
+        await until_served(lambda: http.post(write_after, json="after"), 201)
+        reply = await until_served(lambda: http.get(f"/read/{fresh['consumerAddress']}"), 200)
+        assert set(bodies(lines_of(reply))) == {"after"}
+
+        load.stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), HANG_GUARD)
+        assert (await http.get("/healthz")).status_code == 200
+
+    assert set(load.writes) <= {(201, ""), (503, "STORE_UNAVAILABLE")}, load.writes
+    assert set(load.reads) <= {(200, ""), (409, "BUSY"), (503, "STORE_UNAVAILABLE")}, load.reads
+    read = list(load.events.values())
+    assert read == sorted(read)  # in write order, no duplicate (deduplicated by eid, then checked)
+    assert len(set(read)) == len(read)
+    assert set(load.acked) <= set(read), "acknowledged writes lost"
+
+
+async def test_recovered_node_has_no_stale_connections(
+    private_node: NodeFactory, private_redis: PrivateRedis
+) -> None:
+    node = await private_node()
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:
+        channel = await create_channel(http)
+        path = f"/write/{channel['producerAddress']}/s"
+        before = await asyncio.gather(*(http.post(path, json=n) for n in range(30)))
+        assert [reply.status_code for reply in before] == [201] * 30  # the pool grows
+        await asyncio.to_thread(private_redis.stop)
+        await asyncio.to_thread(private_redis.start)
+        await until_served(lambda: http.post(path, json="recovered"), 201)
+        after = await asyncio.gather(*(http.post(path, json=n) for n in range(30)))
+        refused = [reply.json() for reply in after if reply.status_code != 201]
+        assert refused == []  # today: several 503 STORE_UNAVAILABLE, one per stale connection
+
+
+# --- the channel count under failures and races -----------------------------------------------
+
+
+async def test_count_forgets_channels_whose_keys_lapsed(
+    start_node: NodeFactory, redis_client: aioredis.Redis, prefix: str
+) -> None:
+    settings = {"max_channels": 1, "channel_ttl_millis": 100, "sweep_interval_millis": 20}
+    first = await start_node(**settings)
+    async with httpx.AsyncClient(base_url=base_url(first), timeout=30) as http:
+        consumer = (await create_channel(http))["consumerAddress"]
+    await first.aclose(grace=1.0)  # no node is left to sweep
+    for suffix in ("m", "p", "w"):  # ... for longer than the keys' safety TTL
+        await redis_client.pexpire(channel_key(prefix, consumer, suffix), 1)
+    second = await start_node(**settings)
+
+    async def swept() -> bool:
+        return bool(await redis_client.zcard(prefix + "expiry") == 0)
+
+    await wait_for(swept, "a sweep over the lapsed channel")
+    async with httpx.AsyncClient(base_url=base_url(second), timeout=30) as http:
+        assert (await http.post("/channelsExists", json={"channels": [consumer]})).json() == {
+            "channels": {consumer: False}
+        }
+        reply = await http.post("/create")
+        assert reply.status_code == 200, reply.text  # today: 503 CHANNEL_LIMIT, forever
+
+
+async def test_max_channels_holds_under_concurrent_creates(
+    start_node: NodeFactory, redis_client: aioredis.Redis, prefix: str
+) -> None:
+    a = await start_node(max_channels=5)
+    b = await start_node(max_channels=5)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        replies = await asyncio.gather(
+            *((http_a, http_b)[n % 2].post("/create") for n in range(40))
+        )
+    created = sum(reply.status_code == 200 for reply in replies)
+    assert {reply.status_code for reply in replies} == {200, 503}
+    assert created == 5, f"{created} channels created with max_channels=5"
+    assert int(await redis_client.get(prefix + "count") or 0) == 5
