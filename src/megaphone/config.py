@@ -24,7 +24,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+AGENT_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # with fullmatch ("$" allows a final newline)
 CONFIG_FILE_NAMES = ("megaphone.toml", "megaphone.yaml", "megaphone.yml", "megaphone.json")
 
 
@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         if not names:
             raise ValueError("at least one agent is required")
         for name in names:
-            if not AGENT_NAME_RE.match(name):
+            if not AGENT_NAME_RE.fullmatch(name):
                 raise ValueError(f"agent name {name!r} must match [A-Za-z0-9_-]+")
         return value
 

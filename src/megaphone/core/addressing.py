@@ -26,9 +26,9 @@ from megaphone.errors import BadRequest, NotFound
 
 SEGMENT_LENGTH = 50
 FEATURE_CHUNKED_STREAM = 0x1
-_AGENT = r"[A-Za-z0-9_-]+"
-CONSUMER_RE = re.compile(rf"^({_AGENT})\.([A-Za-z0-9]{{{SEGMENT_LENGTH}}})\.([0-9a-fA-F]{{1,8}})$")
-PRODUCER_RE = re.compile(rf"^({_AGENT})\.([A-Za-z0-9_-]{{59}})$")
+_AGENT = r"[A-Za-z0-9_-]+"  # patterns are used with fullmatch: "$" would allow a final "\n"
+CONSUMER_RE = re.compile(rf"({_AGENT})\.([A-Za-z0-9]{{{SEGMENT_LENGTH}}})\.([0-9a-fA-F]{{1,8}})")
+PRODUCER_RE = re.compile(rf"({_AGENT})\.([A-Za-z0-9_-]{{59}})")
 NONCE_LENGTH = 12
 KEY_LENGTH = 32
 
@@ -87,9 +87,9 @@ def new_consumer_address(agent: str) -> tuple[str, ChannelKey]:
 
 def parse_consumer(address: str) -> ChannelKey:
     """The channel key of a consumer address; 400 for anything else (producer addresses too)."""
-    match = CONSUMER_RE.match(address)
+    match = CONSUMER_RE.fullmatch(address)
     if match is None:
-        if PRODUCER_RE.match(address):
+        if PRODUCER_RE.fullmatch(address):
             raise BadRequest("a producer address cannot be used to read")
         raise BadRequest("malformed consumer address")
     return ChannelKey(match[1], hashlib.md5(match[2].encode("ascii")).digest())
@@ -97,9 +97,9 @@ def parse_consumer(address: str) -> ChannelKey:
 
 def split_producer(address: str) -> tuple[str, str]:
     """``(agent, sealed token)`` of a producer address; 400 for anything else."""
-    match = PRODUCER_RE.match(address)
+    match = PRODUCER_RE.fullmatch(address)
     if match is None:
-        if CONSUMER_RE.match(address):
+        if CONSUMER_RE.fullmatch(address):
             raise BadRequest("a consumer address cannot be used to write")
         raise BadRequest("malformed producer address")
     return match[1], match[2]
@@ -146,6 +146,6 @@ class AddressBook:
 
     def any(self, address: str) -> ChannelKey:
         """A channel key from either kind of address (``/channelsExists``)."""
-        if CONSUMER_RE.match(address):
+        if CONSUMER_RE.fullmatch(address):
             return self.consumer(address)
         return self.producer(address)

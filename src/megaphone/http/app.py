@@ -155,18 +155,25 @@ def check_bearer(request: Request, token: bytes) -> None:
 def read_cursor(request: Request) -> str | None:
     """The resume cursor: `Last-Event-ID` (what EventSource sends on reconnect), else `?after=`."""
     raw = request.headers.get(b"last-event-id")
-    if raw is None and request.query:
-        for name, value in parse_qsl(request.query.decode("latin-1"), keep_blank_values=True):
-            if name == "after":
-                raw = value.encode("latin-1")
-    if not raw:
-        return None
-    if len(raw) > MAX_CURSOR_LENGTH:
-        raise BadRequest(f"resume cursor longer than {MAX_CURSOR_LENGTH} bytes")
+    cursor: str | None = None
     try:
-        return unquote_to_bytes(raw).decode("utf-8") if b"%" in raw else raw.decode("utf-8")
+        if raw is not None:
+            cursor = raw.decode("utf-8")
+        elif request.query:
+            pairs = parse_qsl(
+                request.query.decode("latin-1"),
+                keep_blank_values=True,
+                encoding="utf-8",
+                errors="strict",
+            )
+            cursor = next((value for name, value in pairs if name == "after"), None)
     except UnicodeDecodeError:
         raise BadRequest("resume cursor is not valid UTF-8") from None
+    if not cursor:
+        return None
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise BadRequest(f"resume cursor longer than {MAX_CURSOR_LENGTH} characters")
+    return cursor
 
 
 # --- the endpoints ----------------------------------------------------------------------------

@@ -455,7 +455,10 @@ class HttpProtocol(asyncio.Protocol):
             self.close()
 
     def _keep_alive(self, request: Request) -> bool:
-        return request.keep_alive and not self.close_when_idle and not self.state.shutting_down
+        # after the client's EOF, the requests it completed before are still answered: only the
+        # last one says "close"
+        closing = self.close_when_idle and not self.queue
+        return request.keep_alive and not closing and not self.state.shutting_down
 
     def _send_error(self, request: Request | None, error: MegaphoneError) -> None:
         if error.status >= 500 and error.code == "INTERNAL_SERVER_ERROR":
