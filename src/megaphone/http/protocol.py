@@ -179,8 +179,10 @@ class NdjsonStream:
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
-        if self.subscription is not None:
-            return self.subscription.close()
+            self.timer = None
+        subscription, self.subscription = self.subscription, None  # no cycle left for the GC
+        if subscription is not None:
+            return subscription.close()
         return None
 
 
@@ -226,6 +228,10 @@ class HttpProtocol(asyncio.Protocol):
         self._disarm()
         if self._stall_timer is not None:
             self._stall_timer.cancel()
+            self._stall_timer = None
+        # the parser holds us as its callbacks: break the cycle so that a closed connection is
+        # freed by reference counting, not left to the cyclic GC (whose pauses show under churn)
+        del self.parser
         if self.stream is not None:
             self.stream.abort()
             self.stream = None
