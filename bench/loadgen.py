@@ -1106,6 +1106,7 @@ async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
     t = now()
     await load.open_all(job.get("connect_concurrency", 100))
     connect_s = now() - t
+    rss_start = proc_rss_kib(pids)
     load.churning = bool(load.every_events or load.after_s)
     conns = await connect(
         host,
@@ -1139,6 +1140,7 @@ async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(0.05)
     drained_in = now() - drain_start
     metrics = await scrape_metrics(job)
+    rss_end = proc_rss_kib(pids)
     lost = len(load.acked_seqs - load.taken)
     readers = [s.reader for s in load.slots if s.reader is not None]
     readers_gone = sum(r.lost or r.ended for r in readers) + load.n - len(readers)
@@ -1160,6 +1162,9 @@ async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
         "cursor": load.cursor_mode,
         "body_bytes": len(load.body(10**6)),
         "connect_s": connect_s,
+        # readers open before, every reader back and drained after: what the phase left behind
+        "rss_start_kib": rss_start,
+        "rss_end_kib": rss_end,
         "acked_per_s": d["acked"] / wall,
         "delivered_per_s": d["delivered"] / wall,
         "reconnects_per_s": d["hangups"] / wall,

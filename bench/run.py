@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -90,7 +91,14 @@ def git_state() -> str:
     head = command_output(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
     dirty = command_output(["git", "-C", str(repo), "status", "--porcelain", "--", "src"])
     changed = [line for line in dirty.splitlines() if line.strip() and dirty != "unknown"]
-    return f"{head} + {len(changed)} uncommitted change(s) under src/" if changed else head
+    if not changed:
+        return head
+    # a digest of the uncommitted source, so two runs (or a run's start and end) can be compared
+    diff = subprocess.run(
+        ["git", "-C", str(repo), "diff", "HEAD", "--", "src"], capture_output=True, check=False
+    ).stdout
+    digest = hashlib.sha256(diff).hexdigest()[:8]
+    return f"{head} + {len(changed)} uncommitted change(s) under src/ (diff {digest})"
 
 
 def command_output(cmd: list[str]) -> str:
@@ -463,9 +471,10 @@ class QuietGate:
     machine that never calms down delays the run by a bounded amount.
     """
 
-    def __init__(self, per_workload: float, total: float) -> None:
+    def __init__(self, per_workload: float, total: float, retries: int = 0) -> None:
         self.per_workload = per_workload
         self.remaining = total
+        self.retries = retries  # re-runs allowed for a workload disturbed by other processes
 
     def wait(self) -> float:
         """The background load (% of one core) seen last, after waiting."""
@@ -509,9 +518,42 @@ def run_workload(
     gate: QuietGate,
     phase: str | None = None,
 ) -> dict[str, Any]:
-    """One workload (or one phase of it) against a fresh server."""
-    background = gate.wait()
+    """One workload (or one phase of it) against a fresh server; with ``--retry-noisy N``, run
+    again (up to N more times) while other processes took too much CPU, and keep the quietest."""
     name = f"{workload}/{phase}" if phase else workload
+    attempts: list[dict[str, Any]] = []
+    for attempt in range(gate.retries + 1):
+        if attempt:
+            print(
+                f"  other processes took {noise(attempts[-1]):.0f}% of one core: again",
+                file=sys.stderr,
+            )
+        attempts.append(run_once(target, start, workload, params, gate, name))
+        if noise(attempts[-1]) < NOISY_PCT:
+            break
+    best = min(attempts, key=noise)
+    if len(attempts) > 1:
+        best["attempts_other_cpu_pct"] = [round(noise(a), 1) for a in attempts]
+    return best
+
+
+def noise(result: dict[str, Any]) -> float:
+    """The CPU share other processes took during a result's measured window(s)."""
+    if "error" in result:
+        return float("inf")
+    values = [dig("other_cpu_pct")(result), dig("fanout", "other_cpu_pct")(result)]
+    return max((float(v) for v in values if isinstance(v, int | float)), default=0.0)
+
+
+def run_once(
+    target: str,
+    start: Starter,
+    workload: str,
+    params: dict[str, Any],
+    gate: QuietGate,
+    name: str,
+) -> dict[str, Any]:
+    background = gate.wait()
     print(f"[{target}] {name} ...", file=sys.stderr, flush=True)
     params = dict(params)
     server_args: list[str] = params.pop("server_args", [])
@@ -648,6 +690,13 @@ def total(*getters: Getter) -> Getter:
     return get
 
 
+def rss_growth_mib(result: dict[str, Any]) -> float | None:
+    start, end = result.get("rss_start_kib"), result.get("rss_end_kib")
+    if not isinstance(start, int | float) or not isinstance(end, int | float):
+        return None
+    return (end - start) / 1024
+
+
 def max_other(result: dict[str, Any]) -> Any:
     """The noisiest phase's "other processes" CPU."""
     values = [p.get("other_cpu_pct") for p in result.get("phases", {}).values()]
@@ -757,6 +806,20 @@ ROWS += [
         0,
     ),
     ("resume", "other processes CPU, max of phases (% of one core)", max_other, "", 0),
+    (
+        "resume",
+        f"{P}: server RSS growth over the phase (MiB)",
+        lambda r: rss_growth_mib(phase("plain")(r) or {}),
+        "",
+        1,
+    ),
+    (
+        "resume",
+        f"{C}: server RSS growth over the phase (MiB)",
+        lambda r: rss_growth_mib(phase("cursor")(r) or {}),
+        "",
+        1,
+    ),
     ("resume", f"{W}: events delivered /s", phase("nowindow", "delivered_per_s"), "up", 0),
     (
         "resume",
@@ -766,6 +829,13 @@ ROWS += [
         1,
     ),
     ("resume", f"{W} ÷ {P}: server CPU / event", dig("ratios", "nowindow_cpu_per_1k"), "", 2),
+    (
+        "resume",
+        f"{W}: server RSS growth over the phase (MiB)",
+        lambda r: rss_growth_mib(phase("nowindow")(r) or {}),
+        "",
+        1,
+    ),
     ("churn", "readers (channels)", phase("churn", "channels"), "", 0),
     ("churn", "write rate asked (events/s)", phase("churn", "write_rate"), "", 0),
     ("churn", "writes acknowledged /s", phase("churn", "acked_per_s"), "up", 0),
@@ -827,6 +897,20 @@ ROWS += [
         "server CPU ms / 1,000 reconnects, net of the events",
         dig("ratios", "net_cpu_ms_per_1k_reconnects"),
         "down",
+        1,
+    ),
+    (
+        "churn",
+        "server RSS growth over the phase (MiB)",
+        lambda r: rss_growth_mib(phase("churn")(r) or {}),
+        "",
+        1,
+    ),
+    (
+        "churn",
+        "no hang-ups: server RSS growth over the phase (MiB)",
+        lambda r: rss_growth_mib(phase("steady")(r) or {}),
+        "",
         1,
     ),
     ("churn", "load generator CPU (% of one core)", phase("churn", "loadgen_cpu_pct"), "", 0),
@@ -1000,6 +1084,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "load to stop (15)",
     )
     parser.add_argument(
+        "--retry-noisy",
+        type=int,
+        default=0,
+        help=f"run a workload again, up to N more times, while other processes took "
+        f"{NOISY_PCT:.0f}%% of a core or more during it; the quietest attempt counts (0)",
+    )
+    parser.add_argument(
         "--workloads",
         default=",".join(WORKLOADS),
         help=f"comma-separated, from {','.join(WORKLOADS)} (all)",
@@ -1018,6 +1109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.retry_noisy < 0:
+        parser.error("--retry-noisy must be 0 or more")
     return args
 
 
@@ -1048,6 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     started = dt.datetime.now(dt.UTC)
+    source_at_start = git_state()
     skipped: dict[str, str] = {}
     for target in args.targets:
         if not plan.jobs(target):
@@ -1063,7 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
         "nchan": start_nchan,
     }
     passes: dict[str, list[dict[str, dict[str, Any]]]] = {t: [] for t in ran}
-    gate = QuietGate(args.quiet_wait, total=QUIET_WAIT_TOTAL)
+    gate = QuietGate(args.quiet_wait, total=QUIET_WAIT_TOTAL, retries=args.retry_noisy)
     for number in range(1, args.repeat + 1):
         if args.repeat > 1:
             print(f"pass {number}/{args.repeat}", file=sys.stderr)
@@ -1080,6 +1174,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_model": cpu_model(),
         "kernel": platform.release(),
         "megaphone_source": git_state(),
+        "megaphone_source_at_start": source_at_start,
         "background_cpu_pct_before_run": round(background, 1),
         "python": platform.python_version(),
         "megaphone": command_output([megaphone_executable(), "--version"]),
@@ -1116,6 +1211,11 @@ def main(argv: list[str] | None = None) -> int:
         f"run took {elapsed:.0f} s · megaphone {env['megaphone_source']} · "
         f"background load before the run {background:.0f}% of one core\n"
     )
+    if env["megaphone_source"] != source_at_start:
+        print(
+            f"warning: megaphone's source changed during the run (at the start: "
+            f"{source_at_start}); the servers started later ran the newer code\n"
+        )
     print(table(results, ran))
     for target, reason in skipped.items():
         print(f"\n{target} skipped: {reason}")
