@@ -3,83 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-MEGAPHONE = str(Path(sys.executable).parent / "megaphone")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.lower().startswith("megaphone_")}
-    env.update(extra)
-    return env
-
-
-class Node:
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [MEGAPHONE, *args], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
-        )
-        assert self.process.stderr is not None
-        self.terminated = False
-        self.lines: list[str] = []
-        for line in self.process.stderr:
-            self.lines.append(line)
-            match = re.search(r'msg="megaphone listening" address=([\d.]+):(\d+)', line)
-            if match:
-                self.url = f"http://{match[1]}:{match[2]}"
-                break
-        else:
-            raise AssertionError("server did not start:\n" + "".join(self.lines))
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
-        self._drain.start()
-
-    def _read_rest(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def terminate(self) -> None:
-        """One SIGTERM (a second one during shutdown would rightly kill the process)."""
-        if not self.terminated:
-            self.terminated = True
-            self.process.send_signal(signal.SIGTERM)
-
-    def stop(self) -> int:
-        self.terminate()
-        code = self.process.wait(timeout=15)
-        self.close()
-        return code
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._drain.join(timeout=5)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+from support import MEGAPHONE, MegaphoneProcess, clean_env
 
 
 @pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
+def nodes() -> Iterator[list[MegaphoneProcess]]:
+    started: list[MegaphoneProcess] = []
     yield started
     for node in started:
         node.close()
 
 
-def test_serves_with_file_env_and_flags(tmp_path: Path, nodes: list[Node]) -> None:
+def test_serves_with_file_env_and_flags(tmp_path: Path, nodes: list[MegaphoneProcess]) -> None:
     (tmp_path / "megaphone.toml").write_text('agent = "from-file"\npoll_duration_millis = 60000\n')
-    node = Node(
+    node = MegaphoneProcess(
         ["--address", "127.0.0.1:0", "--poll-duration-millis", "500"],
         tmp_path,
         clean_env(megaphone_agent="from-env"),
@@ -94,8 +39,8 @@ def test_serves_with_file_env_and_flags(tmp_path: Path, nodes: list[Node]) -> No
     assert node.stop() == 0
 
 
-def test_sigterm_ends_open_reads_and_exits(tmp_path: Path, nodes: list[Node]) -> None:
-    node = Node(["--address", "127.0.0.1:0"], tmp_path, clean_env())
+def test_sigterm_ends_open_reads_and_exits(tmp_path: Path, nodes: list[MegaphoneProcess]) -> None:
+    node = MegaphoneProcess(["--address", "127.0.0.1:0"], tmp_path, clean_env())
     nodes.append(node)
     with httpx.Client(base_url=node.url, timeout=30) as http:
         channel = http.post("/create").json()

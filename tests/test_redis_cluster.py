@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +22,10 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import RedisServer, base_url, create_channel, free_port, make_settings, read_events
+from conftest import base_url, create_channel, make_settings, read_events
 from megaphone.core.addressing import parse_consumer
 from megaphone.server import MegaphoneServer
+from support import MegaphoneProcess, RedisServer, WebhookReceiver, clean_env
 
 MEGAPHONE = str(Path(sys.executable).parent / "megaphone")
 AGENT = "test-agent"  # every node of a test serves the same agent, whose key lives in Redis
@@ -122,107 +117,30 @@ async def read_when_free(
         await asyncio.sleep(0.05)
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.lower().startswith("megaphone_")}
-    env.update(extra)
-    return env
-
-
-class Process:
-    """``megaphone`` as a real subprocess on the Redis store; its port comes from its log line."""
-
-    def __init__(self, cwd: Path, redis_url: str, prefix: str, *flags: str) -> None:
-        env = clean_env(
-            megaphone_store="redis", megaphone_redis_url=redis_url, megaphone_redis_prefix=prefix
-        )
-        args = [MEGAPHONE, "--address", "127.0.0.1:0", "--agent", AGENT, *flags]
-        self.process = subprocess.Popen(args, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
-        assert self.process.stderr is not None
-        self.lines: list[str] = []
-        for line in self.process.stderr:
-            self.lines.append(line)
-            match = re.search(r'msg="megaphone listening" address=([\d.]+):(\d+)', line)
-            if match:
-                self.url = f"http://{match[1]}:{match[2]}"
-                break
-        else:
-            raise AssertionError("megaphone did not start:\n" + "".join(self.lines))
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
-        self._drain.start()
-
-    def _read_rest(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def wait(self) -> int:
-        """Wait for the exit (blocking: call through a thread); the exit code."""
-        return self.process.wait(timeout=15)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._drain.join(timeout=5)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-
-
 @pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
+def processes() -> Iterator[list[MegaphoneProcess]]:
+    started: list[MegaphoneProcess] = []
     yield started
     for process in started:
         process.close()
 
 
 async def spawn(
-    processes: list[Process], cwd: Path, redis_url: str, prefix: str, *flags: str
-) -> Process:
-    process = await asyncio.to_thread(Process, cwd, redis_url, prefix, *flags)
+    processes: list[MegaphoneProcess], cwd: Path, redis_url: str, prefix: str, *flags: str
+) -> MegaphoneProcess:
+    """``megaphone`` as a real subprocess on the Redis store (configured by environment)."""
+    env = clean_env(
+        megaphone_store="redis", megaphone_redis_url=redis_url, megaphone_redis_prefix=prefix
+    )
+    args = ["--address", "127.0.0.1:0", "--agent", AGENT, *flags]
+    process = await asyncio.to_thread(MegaphoneProcess, args, cwd, env)
     processes.append(process)
     return process
 
 
-class Receiver:
-    """A real HTTP webhook receiver in a thread that records the bodies it is posted."""
-
-    def __init__(self) -> None:
-        self.bodies: list[Any] = []
-        received = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers["content-length"])
-                received.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def posted(self) -> list[str]:
-        return [address for body in list(self.bodies) for address in body["channels"]]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    made = Receiver()
+def receiver() -> Iterator[WebhookReceiver]:
+    made = WebhookReceiver()
     yield made
     made.close()
 
@@ -334,7 +252,7 @@ async def test_queued_writers_on_both_nodes_keep_fifo_order(
 
 
 async def test_expiry_webhook_fires_once_per_channel_cluster_wide(
-    start_node: NodeFactory, receiver: Receiver, redis_client: aioredis.Redis, prefix: str
+    start_node: NodeFactory, receiver: WebhookReceiver, redis_client: aioredis.Redis, prefix: str
 ) -> None:
     """Both nodes sweep every 20 ms; each expired channel is posted exactly once, and a channel
     read on A is kept alive against B's sweeps until its read ends."""
@@ -408,7 +326,7 @@ async def test_max_channels_counts_the_whole_cluster(start_node: NodeFactory) ->
 
 async def test_reader_resumes_on_b_after_a_is_killed_mid_read(
     start_node: NodeFactory,
-    processes: list[Process],
+    processes: list[MegaphoneProcess],
     redis_server: RedisServer,
     prefix: str,
     tmp_path: Path,
@@ -463,7 +381,7 @@ async def test_reader_resumes_on_b_after_a_is_killed_mid_read(
 
 
 async def test_restart_keeps_pending_events_and_producer_addresses(
-    processes: list[Process], redis_server: RedisServer, prefix: str, tmp_path: Path
+    processes: list[MegaphoneProcess], redis_server: RedisServer, prefix: str, tmp_path: Path
 ) -> None:
     """SIGTERM a node, start a new process on the same Redis and prefix: the pending events, the
     replay window and the agent key (so the old producer address) are all still there; and a node
@@ -515,50 +433,17 @@ async def test_restart_keeps_pending_events_and_producer_addresses(
 # --- 4. Redis stopped and restarted under load ------------------------------------------------
 
 
-class PrivateRedis:
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, with an append-only file so that its data survives the
     restart: the test then also checks that no acknowledged write is lost across the outage."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "yes", "--dir", str(self.directory), "--loglevel", "warning"]
-        self.process = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + HANG_GUARD
-        while not self.pong():
-            assert self.process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def pong(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # a clean shutdown flushes the append-only file
-            self.process.wait(timeout=10)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
+    server = RedisServer("--appendonly", "yes", "--dir", str(tmp_path))
     yield server
     server.stop()
 
 
 @pytest.fixture
-async def private_node(private_redis: PrivateRedis, prefix: str) -> AsyncIterator[NodeFactory]:
+async def private_node(private_redis: RedisServer, prefix: str) -> AsyncIterator[NodeFactory]:
     """In-process nodes on the test's private redis-server."""
     started: list[MegaphoneServer] = []
 
@@ -639,7 +524,7 @@ class Load:
 
 
 async def test_redis_outage_under_load_is_survived(
-    private_node: NodeFactory, private_redis: PrivateRedis
+    private_node: NodeFactory, private_redis: RedisServer
 ) -> None:
     """The node answers 503 STORE_UNAVAILABLE while Redis is down, stays up, and recovers by
     itself when Redis returns on the same port with its data (append-only file): every write
@@ -703,7 +588,7 @@ async def test_redis_outage_under_load_is_survived(
 
 
 async def test_recovered_node_has_no_stale_connections(
-    private_node: NodeFactory, private_redis: PrivateRedis
+    private_node: NodeFactory, private_redis: RedisServer
 ) -> None:
     node = await private_node()
     async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:

@@ -3,69 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
 from conftest import ServerFactory, base_url, create_channel
-
-
-class Receiver:
-    """A real HTTP server in a thread that records what it is sent."""
-
-    def __init__(self, status: int = 200, delay: float = 0.0) -> None:
-        self.bodies: list[Any] = []
-        received = self.bodies
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers["content-length"])
-                received.append(json.loads(self.rfile.read(length)))
-                time.sleep(outer.delay)
-                outer.answered += 1
-                self.send_response(outer.status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.status = status
-        self.delay = delay
-        self.answered = 0
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from support import WebhookReceiver, free_port
 
 
 @pytest.fixture
-def receivers() -> Iterator[list[Receiver]]:
-    made: list[Receiver] = []
+def receivers() -> Iterator[list[WebhookReceiver]]:
+    made: list[WebhookReceiver] = []
     yield made
     for receiver in made:
         receiver.close()
 
 
 def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
+    return f"http://127.0.0.1:{free_port()}/hook"
 
 
 async def wait_for(condition: Any, seconds: float = 5.0) -> None:
@@ -76,9 +35,9 @@ async def wait_for(condition: Any, seconds: float = 5.0) -> None:
 
 
 async def test_expired_channels_are_posted(
-    server_factory: ServerFactory, receivers: list[Receiver]
+    server_factory: ServerFactory, receivers: list[WebhookReceiver]
 ) -> None:
-    receiver = Receiver()
+    receiver = WebhookReceiver()
     receivers.append(receiver)
     node = await server_factory(
         channel_ttl_millis=200,
@@ -94,9 +53,11 @@ async def test_expired_channels_are_posted(
 
 
 async def test_failing_endpoints_are_logged_and_never_block(
-    server_factory: ServerFactory, receivers: list[Receiver], caplog: pytest.LogCaptureFixture
+    server_factory: ServerFactory,
+    receivers: list[WebhookReceiver],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    good, failing, slow = Receiver(), Receiver(status=500), Receiver(delay=5.0)
+    good, failing, slow = WebhookReceiver(), WebhookReceiver(status=500), WebhookReceiver(delay=5.0)
     receivers.extend([good, failing, slow])
     node = await server_factory(
         channel_ttl_millis=100,
