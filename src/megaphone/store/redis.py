@@ -388,21 +388,34 @@ class RedisStore(ChannelStore):
             # reconnects at once, so let the release finish instead of answering 409
             await asyncio.shield(releasing)
         token = os.urandom(12).hex()
-        code, start = await self._script(
-            "attach",
-            ids.keys,
-            [token, _now_ms(), self.lease_ms, after or "", self.safety_ms + self.lease_ms],
+        script = asyncio.ensure_future(
+            self._script(
+                "attach",
+                ids.keys,
+                [token, _now_ms(), self.lease_ms, after or "", self.safety_ms + self.lease_ms],
+            )
         )
+        try:
+            code, start = await asyncio.shield(script)
+        except asyncio.CancelledError:
+            # the client left while we attached: the script may still take the lease, and no
+            # subscription will ever release it, so release it once the script is done
+            script.add_done_callback(lambda _: self._spawn(self._release(ids, token)))
+            raise
         if code == -1:
             raise NotFound("channel not found")
         if code == -2:
             raise Busy("channel already has a reader")
         subscription = _RedisSubscription(self, ids, sink, token, _text(start), STATUS[int(code)])
         self._readers[ids.notify] = subscription
-        with contextlib.suppress(StoreUnavailable):  # the reader polls until notifications return
-            await self._call(self._pubsub.subscribe(ids.notify))
-        if self._listener is None:
-            await self.start()
+        try:
+            with contextlib.suppress(StoreUnavailable):  # the reader polls until notified again
+                await self._call(self._pubsub.subscribe(ids.notify))
+            if self._listener is None:
+                await self.start()
+        except asyncio.CancelledError:
+            subscription.close()
+            raise
         return subscription
 
     async def _take(
