@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import click
 from pydantic import ValidationError
@@ -30,8 +30,8 @@ def _setting_options(func: Any) -> Any:
         kind = _FLAG_TYPES.get(field.annotation)
         if name == "agent":
             kind = click.STRING
-        if kind is None and name == "log_level":
-            kind = click.Choice(["debug", "info", "warning", "error"])
+        if kind is None and get_origin(field.annotation) is Literal:
+            kind = click.Choice([str(choice) for choice in get_args(field.annotation)])
         if kind is None:
             continue
         flag = "--" + name.replace("_", "-")

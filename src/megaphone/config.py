@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "megaphone:"
     redis_lease_margin_millis: int = Field(default=5_000, ge=0)
-    redis_poll_millis: int = Field(default=1_000, gt=0)
+    redis_poll_millis: int = Field(default=5_000, gt=0)
+    redis_max_connections: int = Field(default=256, gt=0)
     webhooks: dict[str, Webhook] = Field(default_factory=dict)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

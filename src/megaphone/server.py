@@ -35,6 +35,7 @@ def build_store(settings: Settings, metrics: Metrics) -> ChannelStore:
             ttl=settings.channel_ttl_millis / 1000,
             lease=(settings.poll_duration_millis + settings.redis_lease_margin_millis) / 1000,
             poll=settings.redis_poll_millis / 1000,
+            max_connections=settings.redis_max_connections,
         )
     return MemoryStore(
         metrics=metrics,

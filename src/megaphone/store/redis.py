@@ -236,7 +236,8 @@ class RedisStore(ChannelStore):
         replay_size: int = 100,
         ttl: float = 60.0,
         lease: float = 25.0,
-        poll: float = 1.0,
+        poll: float = 5.0,
+        max_connections: int = 256,
     ) -> None:
         self.metrics = metrics
         self.prefix = prefix
@@ -250,13 +251,18 @@ class RedisStore(ChannelStore):
         self.safety_ms = self.ttl_ms * 2 + self.lease_ms + 60_000
         # a pooled connection that predates a Redis restart fails its next command: retry it on
         # a fresh connection instead of answering 503 while Redis is back
-        self.redis = aioredis.Redis.from_url(
+        # a bounded pool that makes a command wait for a free connection (up to 5 s) instead of
+        # failing at once when every connection is busy: a burst must queue, not answer 503
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=5,
             socket_timeout=5,
             socket_connect_timeout=2,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._scripts = {
             name: self.redis.register_script(source)
             for name, source in {
@@ -623,7 +629,9 @@ class _RedisSubscription:
                     metrics.messages_read += new
                     metrics.messages_replayed += len(events) - new
                     self.sink.deliver([line for _, line in events])
-                    continue
+                    if len(events) == TAKE_BATCH:
+                        continue  # there may be more already
+                    # else: what came meanwhile has set ``wake`` again: no empty take needed
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(store.poll):
                     await self.wake.wait()
