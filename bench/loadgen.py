@@ -93,22 +93,35 @@ def self_cpu_seconds() -> float:
 @dataclass
 class Sample:
     wall: float
-    server_cpu: float
+    server_cpu: float  # the HTTP server's processes (megaphone: every node; nginx: master + worker)
     client_cpu: float
     machine_cpu: float
+    redis_cpu: float | None  # redis-server, when the target has one
+    node_cpu: dict[str, float]  # several megaphone nodes: each node's own
 
     @classmethod
-    def take(cls, pids: Sequence[int]) -> Sample:
-        return cls(now(), proc_cpu_seconds(pids), self_cpu_seconds(), machine_busy_seconds())
+    def take(cls, job: dict[str, Any]) -> Sample:
+        nodes: dict[str, list[int]] = job.get("node_pids") or {}
+        return cls(
+            now(),
+            proc_cpu_seconds(job["server_pids"]),
+            self_cpu_seconds(),
+            machine_busy_seconds(),
+            proc_cpu_seconds(job["redis_pids"]) if job.get("redis_pids") else None,
+            {name: proc_cpu_seconds(pids) for name, pids in nodes.items()},
+        )
 
 
-def window(start: Sample, end: Sample) -> dict[str, float]:
+def window(start: Sample, end: Sample) -> dict[str, Any]:
     """CPU use over a measured window, each in % of one core (100 = one CPU fully busy)."""
     wall = end.wall - start.wall
     server = end.server_cpu - start.server_cpu
     client = end.client_cpu - start.client_cpu
-    others = max(0.0, end.machine_cpu - start.machine_cpu - server - client)
-    return {
+    redis = None
+    if start.redis_cpu is not None and end.redis_cpu is not None:
+        redis = end.redis_cpu - start.redis_cpu
+    others = max(0.0, end.machine_cpu - start.machine_cpu - server - client - (redis or 0.0))
+    out: dict[str, Any] = {
         "wall_s": wall,
         "server_cpu_s": server,
         "server_cpu_pct": 100 * server / wall,
@@ -116,6 +129,24 @@ def window(start: Sample, end: Sample) -> dict[str, float]:
         # everything else the machine ran meanwhile: noise, should be ~0
         "other_cpu_pct": 100 * others / wall,
     }
+    if redis is not None:
+        out["redis_cpu_s"] = redis
+        out["redis_cpu_pct"] = 100 * redis / wall
+    if start.node_cpu:
+        out["node_cpu_pct"] = {
+            name: 100 * (end.node_cpu[name] - cpu) / wall for name, cpu in start.node_cpu.items()
+        }
+    return out
+
+
+def per_1k(cpu_s: float | None, count: int) -> float | None:
+    """CPU milliseconds per 1,000 of something."""
+    return 1e6 * cpu_s / count if cpu_s is not None and count else None
+
+
+def redis_rss_kib(job: dict[str, Any]) -> int | None:
+    pids = job.get("redis_pids")
+    return proc_rss_kib(pids) if pids else None
 
 
 def percentiles(samples: array[float] | list[float]) -> dict[str, float | None]:
@@ -280,6 +311,7 @@ class StreamReader(asyncio.Protocol):
         self.skip = 0  # CRLF bytes after a chunk still to skip
         self.partial = b""  # an incomplete last line
         self.ended = False  # the server ended the stream (last chunk / close)
+        self.error_body = b""  # the start of a non-200 answer's body
         self.lost = False  # the connection closed
         self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -306,11 +338,14 @@ class StreamReader(asyncio.Protocol):
             data = bytes(self.head[end + 4 :])
             self.head.clear()
             self.in_body = True
+            if self.status != 200:
+                self.error_body = data[:500]
             if not self.ready.done():
                 self.ready.set_result(self.status)
             if not data or self.status != 200:
                 return
         elif self.status != 200:
+            self.error_body = (self.error_body + data)[:500]
             return
         payload = self._dechunk(data) if self.chunked else data
         if self.partial:
@@ -360,22 +395,42 @@ class StreamReader(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"reader closed before its head: {exc!r}"))
 
 
+OPEN_ATTEMPTS = 100  # a read answered 5xx is opened again (counted), at most this many times
+
+
 async def open_readers(
-    host: str, port: int, paths: Sequence[bytes], on_lines: LinesCallback, concurrency: int
+    host: str,
+    port: int,
+    paths: Sequence[bytes],
+    on_lines: LinesCallback,
+    concurrency: int,
+    refused: Counter[str] | None = None,
 ) -> list[StreamReader]:
-    """Open one reader per path (at most ``concurrency`` opening at once); wait for every head."""
+    """Open one reader per path (at most ``concurrency`` opening at once); wait for every head.
+
+    A read answered 5xx (the server could not serve it now) is opened again after 10 ms; each
+    such answer is counted in ``refused`` ("status body"), which the result reports."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     readers: list[StreamReader] = []
 
     async def one(index: int, path: bytes) -> None:
         async with gate:
-            reader = StreamReader(index, path, on_lines)
-            await loop.create_connection(lambda: reader, host, port)
-            readers.append(reader)
-            status = await asyncio.wait_for(reader.ready, 30)
-            if status != 200:
-                raise ConnectionError(f"read {path!r} answered {status}")
+            for _ in range(OPEN_ATTEMPTS):
+                reader = StreamReader(index, path, on_lines)
+                await loop.create_connection(lambda: reader, host, port)  # noqa: B023
+                status = await asyncio.wait_for(reader.ready, 30)
+                if status == 200:
+                    readers.append(reader)
+                    return
+                reader.closing = True
+                if reader.transport is not None:
+                    reader.transport.abort()
+                if status < 500 or refused is None:
+                    break
+                note_error(refused, status, reader.error_body)
+                await asyncio.sleep(0.01)
+            raise ConnectionError(f"read {path!r} answered {status}")
 
     await asyncio.gather(*(one(i, p) for i, p in enumerate(paths)))
     readers.sort(key=lambda r: r.index)
@@ -395,6 +450,28 @@ def close_all(readers: Sequence[StreamReader]) -> None:
 class Channel:
     write_path: bytes
     read_path: bytes
+
+
+# Which node does what, when the target has several (megaphone on a shared Redis): ``port`` is
+# the readers' node, ``write_port`` the writers', ``create_port`` where the channels are created;
+# ``node_ports`` lists every node (metrics are summed over them; the create workload spreads its
+# connections over them). Each defaults to ``port``: one server does everything.
+
+
+def read_port(job: dict[str, Any]) -> int:
+    return int(job["port"])
+
+
+def write_port(job: dict[str, Any]) -> int:
+    return int(job.get("write_port") or job["port"])
+
+
+def create_port(job: dict[str, Any]) -> int:
+    return int(job.get("create_port") or job["port"])
+
+
+def node_ports(job: dict[str, Any]) -> list[int]:
+    return [int(p) for p in job.get("node_ports") or [job["port"]]]
 
 
 async def make_channels(job: dict[str, Any], count: int, connections: int = 32) -> list[Channel]:
@@ -427,10 +504,17 @@ async def make_channels(job: dict[str, Any], count: int, connections: int = 32) 
             )
         )
 
-    await closed_loop(job["host"], job["port"], min(connections, count), source, sink)
+    await closed_loop(job["host"], create_port(job), min(connections, count), source, sink)
     if failures:
         raise RuntimeError(f"channel creation failed: {dict(failures)}")
     return channels
+
+
+def note_error(bodies: Counter[str], status: int, body: bytes) -> None:
+    """Count a failed request's answer by status and body (the first 10 distinct kinds)."""
+    key = f"{status} {body[:200].decode(errors='replace')}"
+    if key in bodies or len(bodies) < 10:
+        bodies[key] += 1
 
 
 def write_request(path: bytes, body: bytes) -> bytes:
@@ -440,11 +524,24 @@ def write_request(path: bytes, body: bytes) -> bytes:
     )
 
 
-async def scrape_metrics(job: dict[str, Any]) -> dict[str, float] | None:
-    """megaphone's own counters (``GET /metrics``), to cross-check the client's counts."""
+Metrics = dict[str, float]
+
+
+async def scrape_metrics(job: dict[str, Any]) -> tuple[Metrics | None, list[Metrics] | None]:
+    """megaphone's own counters (``GET /metrics``), to cross-check the client's counts: summed
+    over the nodes, and each node's (None with a single node)."""
     if job["target"] != "megaphone":
-        return None
-    out: dict[str, float] = {}
+        return None, None
+    nodes = [await scrape_node(job["host"], port) for port in node_ports(job)]
+    total: Metrics = {}
+    for metrics in nodes:
+        for name, value in metrics.items():
+            total[name] = total.get(name, 0.0) + value
+    return total, (nodes if len(nodes) > 1 else None)
+
+
+async def scrape_node(host: str, port: int) -> Metrics:
+    out: Metrics = {}
     sent = False
 
     def source() -> Request | None:
@@ -460,7 +557,7 @@ async def scrape_metrics(job: dict[str, Any]) -> dict[str, float] | None:
                 name, value = line.rsplit(" ", 1)
                 out[name] = float(value)
 
-    await closed_loop(job["host"], job["port"], 1, source, sink)
+    await closed_loop(host, port, 1, source, sink)
     return out
 
 
@@ -480,6 +577,7 @@ class Throughput:
         self.acked = 0
         self.acked_seqs: set[int] = set()
         self.write_errors: Counter[int] = Counter()
+        self.error_bodies: Counter[str] = Counter()  # "status body" of failed writes, a few kinds
         self.ack_rtt: array[float] = array("d")
         self.delivered = 0
         self.delivered_seqs: set[int] = set()
@@ -507,6 +605,7 @@ class Throughput:
                 self.ack_rtt.append(rtt)
         else:
             self.write_errors[status] += 1
+            note_error(self.error_bodies, status, body)
 
     def on_lines(self, reader: StreamReader, lines: list[bytes], t: float) -> None:
         self.delivered += len(lines)
@@ -531,19 +630,21 @@ class Throughput:
 
 
 async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
-    host, port, pids = job["host"], job["port"], job["server_pids"]
+    host = job["host"]
     channels = await make_channels(job, job["channels"])
     load = Throughput(job, channels)
-    readers = await open_readers(host, port, [c.read_path for c in channels], load.on_lines, 100)
-    conns = await connect(host, port, job["writers"], load.next_write, load.on_ack)
+    paths = [c.read_path for c in channels]
+    refused: Counter[str] = Counter()
+    readers = await open_readers(host, read_port(job), paths, load.on_lines, 100, refused)
+    conns = await connect(host, write_port(job), job["writers"], load.next_write, load.on_ack)
     writers = asyncio.ensure_future(drive(conns))
     await asyncio.sleep(job["warmup_s"])
     acked0, delivered0 = load.acked, load.delivered
-    start = Sample.take(pids)
+    start = Sample.take(job)
     load.recording = True
     await asyncio.sleep(job["duration_s"])
     load.recording = False
-    end = Sample.take(pids)
+    end = Sample.take(job)
     acked1, delivered1 = load.acked, load.delivered
     load.running = False
     await writers  # in-flight writes get their answers
@@ -558,7 +659,7 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
             break
         await asyncio.sleep(0.05)
     drained_in = now() - drain_start
-    metrics = await scrape_metrics(job)
+    metrics, by_node = await scrape_metrics(job)
     lost = len(load.acked_seqs - load.delivered_seqs)
     unacked_delivered = len(load.delivered_seqs - load.acked_seqs)
     readers_gone = sum(r.lost or r.ended for r in readers)
@@ -573,9 +674,8 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
         "body_bytes": len(load.body(10**6)),
         "acked_per_s": acked / stats["wall_s"],
         "delivered_per_s": delivered / stats["wall_s"],
-        "server_cpu_ms_per_1k_events": (
-            1e6 * stats["server_cpu_s"] / delivered if delivered else None
-        ),
+        "server_cpu_ms_per_1k_events": per_1k(stats["server_cpu_s"], delivered),
+        "redis_cpu_ms_per_1k_events": per_1k(stats.get("redis_cpu_s"), delivered),
         "latency": percentiles(load.latency),
         "ack_rtt": percentiles(load.ack_rtt),
         "total_acked": load.acked,
@@ -586,9 +686,12 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
         "misrouted": load.misrouted,
         "unparseable": load.unparseable,
         "write_errors": {str(k): v for k, v in load.write_errors.items()},
+        "write_error_bodies": dict(load.error_bodies),
         "readers_ended_or_lost": readers_gone,
+        "read_refused": dict(refused),
         "drain_s": drained_in,
         "server_metrics": metrics,
+        "server_metrics_by_node": by_node,
     }
 
 
@@ -606,6 +709,7 @@ class FanOut:
         self.next_index = 0
         self.acked = 0
         self.write_errors: Counter[int] = Counter()
+        self.error_bodies: Counter[str] = Counter()  # "status body" of failed writes, a few kinds
         self.got = bytearray(len(channels))
         self.waiting = len(channels)
         self.early = 0  # lines before the fan-out (there should be none)
@@ -613,12 +717,18 @@ class FanOut:
         self.last_at = 0.0
         self.latency: array[float] = array("d")
         self.all_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.again: list[int] = []  # channels whose write was answered 5xx: written again
+        self.attempts: Counter[int] = Counter()
 
     def next_write(self) -> Request | None:
-        index = self.next_index
-        if index >= len(self.channels):
-            return None
-        self.next_index = index + 1
+        if self.again:
+            index = self.again.pop()
+        else:
+            index = self.next_index
+            if index >= len(self.channels):
+                return None
+            self.next_index = index + 1
+        self.attempts[index] += 1
         body = b'{"seq":%d,"t":%.6f,"pad":"%b"}' % (index, now(), self.pad)
         return write_request(self.channels[index].write_path, body), index
 
@@ -627,6 +737,11 @@ class FanOut:
             self.acked += 1
         else:
             self.write_errors[status] += 1
+            note_error(self.error_bodies, status, body)
+            # the server could not take it now: write it again (the event's latency then counts
+            # from the new attempt; "every reader has its event" still from the first write)
+            if status >= 500 and self.attempts[index] < 20:
+                self.again.append(index)
 
     def on_lines(self, reader: StreamReader, lines: list[bytes], t: float) -> None:
         if not self.armed:
@@ -647,7 +762,7 @@ class FanOut:
 
 
 async def run_idle(job: dict[str, Any]) -> dict[str, Any]:
-    host, port, pids = job["host"], job["port"], job["server_pids"]
+    host, pids = job["host"], job["server_pids"]
     count = job["readers"]
     t = now()
     channels = await make_channels(job, count)
@@ -656,21 +771,23 @@ async def run_idle(job: dict[str, Any]) -> dict[str, Any]:
 
     gc.collect()
     await asyncio.sleep(0.5)
-    rss_before = proc_rss_kib(pids)
+    rss_before, redis_rss_before = proc_rss_kib(pids), redis_rss_kib(job)
     t = now()
+    paths = [c.read_path for c in channels]
+    refused: Counter[str] = Counter()
     readers = await open_readers(
-        host, port, [c.read_path for c in channels], fan.on_lines, job["connect_concurrency"]
+        host, read_port(job), paths, fan.on_lines, job["connect_concurrency"], refused
     )
     connect_s = now() - t
-    idle_start = Sample.take(pids)
+    idle_start = Sample.take(job)
     await asyncio.sleep(job["settle_s"])
-    idle_end = Sample.take(pids)
-    rss_after = proc_rss_kib(pids)
+    idle_end = Sample.take(job)
+    rss_after, redis_rss_after = proc_rss_kib(pids), redis_rss_kib(job)
 
-    writers = await connect(host, port, job["writers"], fan.next_write, fan.on_ack)
+    writers = await connect(host, write_port(job), job["writers"], fan.next_write, fan.on_ack)
     await asyncio.sleep(0.2)
     fan.armed = True
-    start = Sample.take(pids)
+    start = Sample.take(job)
     t0 = now()
     writes_timed_out = False
     await drive(writers)  # the writers were connected beforehand: time the fan-out only
@@ -679,12 +796,15 @@ async def run_idle(job: dict[str, Any]) -> dict[str, Any]:
         await asyncio.wait_for(asyncio.shield(fan.all_in), job["fanout_timeout_s"])
     except TimeoutError:
         writes_timed_out = True
-    end = Sample.take(pids)
+    end = Sample.take(job)
     await asyncio.sleep(0.2)  # let any duplicate arrive before counting
     rss_end = proc_rss_kib(pids)
     readers_gone = sum(r.lost or r.ended for r in readers)
-    metrics = await scrape_metrics(job)
+    metrics, by_node = await scrape_metrics(job)
     close_all(readers)
+    redis_growth = None
+    if redis_rss_before is not None and redis_rss_after is not None:
+        redis_growth = (redis_rss_after - redis_rss_before) / count
 
     return {
         "readers": count,
@@ -694,6 +814,9 @@ async def run_idle(job: dict[str, Any]) -> dict[str, Any]:
         "rss_after_kib": rss_after,
         "rss_after_fanout_kib": rss_end,
         "rss_per_reader_kib": (rss_after - rss_before) / count,
+        "redis_rss_before_kib": redis_rss_before,
+        "redis_rss_after_kib": redis_rss_after,
+        "redis_rss_per_reader_kib": redis_growth,
         "idle": window(idle_start, idle_end),
         "fanout_writers": job["writers"],
         "fanout_all_delivered_s": (fan.last_at - t0) if not writes_timed_out else None,
@@ -704,10 +827,13 @@ async def run_idle(job: dict[str, Any]) -> dict[str, Any]:
         "fanout_latency": percentiles(fan.latency),
         "fanout": window(start, end),
         "write_errors": {str(k): v for k, v in fan.write_errors.items()},
+        "write_error_bodies": dict(fan.error_bodies),
         "early_lines": fan.early,
         "extra_lines": fan.extra,
         "readers_ended_or_lost": readers_gone,
+        "read_refused": dict(refused),
         "server_metrics": metrics,
+        "server_metrics_by_node": by_node,
     }
 
 
@@ -715,11 +841,13 @@ async def run_idle(job: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_create(job: dict[str, Any]) -> dict[str, Any]:
-    host, port, pids = job["host"], job["port"], job["server_pids"]
+    """Closed-loop creates; with several nodes, the connections are spread evenly over them."""
+    host, pids = job["host"], job["server_pids"]
     request = b"POST /create HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n\r\n"
     running, recording = True, False
     created = 0
     failures: Counter[int] = Counter()
+    failure_bodies: Counter[str] = Counter()
     rtt_samples: array[float] = array("d")
 
     def source() -> Request | None:
@@ -733,35 +861,47 @@ async def run_create(job: dict[str, Any]) -> dict[str, Any]:
                 rtt_samples.append(rtt)
         else:
             failures[status] += 1
+            note_error(failure_bodies, status, body)
 
-    rss_before = proc_rss_kib(pids)
-    conns = await connect(host, port, job["connections"], source, sink)
+    rss_before, redis_rss_before = proc_rss_kib(pids), redis_rss_kib(job)
+    ports = node_ports(job)
+    conns: list[HttpConn] = []
+    for number, port in enumerate(ports):
+        share = len(range(number, job["connections"], len(ports)))
+        conns += await connect(host, port, share, source, sink)
     loop_done = asyncio.ensure_future(drive(conns))
     await asyncio.sleep(job["warmup_s"])
     created0 = created
-    start = Sample.take(pids)
+    start = Sample.take(job)
     recording = True
     await asyncio.sleep(job["duration_s"])
     recording = False
-    end = Sample.take(pids)
+    end = Sample.take(job)
     created1 = created
     running = False
     await loop_done
-    rss_after = proc_rss_kib(pids)
-    metrics = await scrape_metrics(job)
+    rss_after, redis_rss_after = proc_rss_kib(pids), redis_rss_kib(job)
+    metrics, by_node = await scrape_metrics(job)
 
     stats = window(start, end)
     n = created1 - created0
+    redis_growth = None
+    if redis_rss_before is not None and redis_rss_after is not None and created:
+        redis_growth = (redis_rss_after - redis_rss_before) / created
     return {
         **stats,
         "connections": job["connections"],
         "created_per_s": n / stats["wall_s"],
-        "server_cpu_ms_per_1k_creates": 1e6 * stats["server_cpu_s"] / n if n else None,
+        "server_cpu_ms_per_1k_creates": per_1k(stats["server_cpu_s"], n),
+        "redis_cpu_ms_per_1k_creates": per_1k(stats.get("redis_cpu_s"), n),
         "latency": percentiles(rtt_samples),
         "total_created": created,
         "rss_per_channel_kib": (rss_after - rss_before) / created if created else None,
+        "redis_rss_per_channel_kib": redis_growth,
         "failures": {str(k): v for k, v in failures.items()},
+        "failure_bodies": dict(failure_bodies),
         "server_metrics": metrics,
+        "server_metrics_by_node": by_node,
     }
 
 
@@ -769,6 +909,7 @@ async def run_create(job: dict[str, Any]) -> dict[str, Any]:
 
 
 ParsedEvent = tuple[str, int, float]  # event id, seq, send time
+REOPEN_GIVE_UP_S = 15.0  # a reader answered only 409/5xx for this long stops trying (a failure)
 
 
 class Slot:
@@ -823,7 +964,7 @@ class Reconnecting:
         self.accept = b"Accept: text/event-stream\r\n" if self.nchan else b""
         self.cursor_arg = b"last_event_id" if self.nchan else b"after"
         self.host: str = job["host"]
-        self.port: int = job["port"]
+        self.port = read_port(job)  # the readers' node
         self.channels = channels
         self.n = len(channels)
         self.pad = b"x" * job["pad_bytes"]
@@ -853,6 +994,7 @@ class Reconnecting:
         self.acked = 0
         self.acked_seqs: set[int] = set()
         self.write_errors: Counter[int] = Counter()
+        self.error_bodies: Counter[str] = Counter()  # "status body" of failed writes, a few kinds
         # readers
         self.delivered = 0  # events taken, first receipt only
         self.taken: set[int] = set()
@@ -867,6 +1009,7 @@ class Reconnecting:
         self.opens = 0
         self.busy = 0  # 409 answers to a reconnect (the old read not detached yet)
         self.open_failures: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()  # reads answered 5xx ("status body"), reopened
         self.resume_headers: Counter[str] = Counter()
         self.cursors_sent = 0
         self.open_latency: array[float] = array("d")
@@ -903,6 +1046,7 @@ class Reconnecting:
             self.acked_seqs.add(seq)
         else:
             self.write_errors[status] += 1
+            note_error(self.error_bodies, status, body)
 
     # --- readers ----------------------------------------------------------------------------
 
@@ -928,6 +1072,10 @@ class Reconnecting:
                 path = b"%b?%b=%b" % (path, self.cursor_arg, cursor)
         started = now()
         for attempt in range(1, 1001):
+            if now() - started > REOPEN_GIVE_UP_S:
+                self.open_failures[f"gave up after {REOPEN_GIVE_UP_S:g} s of 409/5xx"] += 1
+                slot.reader = None
+                return False
             reader = StreamReader(slot.index, path, self.on_lines, headers)
             slot.reader = reader  # lines may come with the head, before we resume below
             slot.count = 0
@@ -947,6 +1095,10 @@ class Reconnecting:
             reader.closing = True
             if reader.transport is not None:
                 reader.transport.abort()
+            if status >= 500:  # the server cannot serve it now: counted, and opened again
+                note_error(self.refused, status, reader.error_body)
+                await asyncio.sleep(0.01)
+                continue
             if status != 409:
                 self.open_failures[str(status)] += 1
                 slot.reader = None
@@ -954,6 +1106,7 @@ class Reconnecting:
             self.busy += 1
             await asyncio.sleep(0.0005 * min(attempt, 20))
         else:
+            self.open_failures["gave up after 1,000 attempts"] += 1
             slot.reader = None
             return False
         self.opens += 1
@@ -1084,8 +1237,8 @@ class Reconnecting:
         while self.reconnecting:
             await asyncio.gather(*list(self.reconnecting), return_exceptions=True)
         gone = [s for s in self.slots if s.reader is None or s.reader.lost or s.reader.ended]
-        for slot in gone:
-            await self.open(slot)
+        if gone:  # all at once: each gives up after REOPEN_GIVE_UP_S of 409/5xx answers
+            await asyncio.gather(*(self.open(slot) for slot in gone))
         return len(gone)
 
     def counters(self) -> dict[str, int]:
@@ -1100,7 +1253,7 @@ class Reconnecting:
 
 async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
     """Workloads ``resume`` (one phase per job) and ``churn``: see :class:`Reconnecting`."""
-    host, port, pids = job["host"], job["port"], job["server_pids"]
+    host, pids = job["host"], job["server_pids"]
     channels = await make_channels(job, job["channels"])
     load = Reconnecting(job, channels)
     t = now()
@@ -1110,7 +1263,7 @@ async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
     load.churning = bool(load.every_events or load.after_s)
     conns = await connect(
         host,
-        port,
+        write_port(job),
         job["writers"],
         load.writer_source(0),
         load.on_ack,
@@ -1120,11 +1273,11 @@ async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
     writers = asyncio.ensure_future(drive(conns))
     await asyncio.sleep(job["warmup_s"])
     before = load.counters()
-    start = Sample.take(pids)
+    start = Sample.take(job)
     load.recording = True
     await asyncio.sleep(job["duration_s"])
     load.recording = False
-    end = Sample.take(pids)
+    end = Sample.take(job)
     after = load.counters()
     load.running = False
     await writers
@@ -1139,7 +1292,7 @@ async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
             break
         await asyncio.sleep(0.05)
     drained_in = now() - drain_start
-    metrics = await scrape_metrics(job)
+    metrics, by_node = await scrape_metrics(job)
     rss_end = proc_rss_kib(pids)
     lost = len(load.acked_seqs - load.taken)
     readers = [s.reader for s in load.slots if s.reader is not None]
@@ -1171,6 +1324,8 @@ async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
         "busy_per_s": d["busy"] / wall,
         "server_cpu_ms_per_1k_events": 1e3 * cpu_ms / d["delivered"] if d["delivered"] else None,
         "server_cpu_ms_per_1k_reconnects": 1e3 * cpu_ms / d["hangups"] if d["hangups"] else None,
+        "redis_cpu_ms_per_1k_events": per_1k(stats.get("redis_cpu_s"), d["delivered"]),
+        "redis_cpu_ms_per_1k_reconnects": per_1k(stats.get("redis_cpu_s"), d["hangups"]),
         "latency": percentiles(load.latency),
         "open_latency": percentiles(load.open_latency),
         "total_acked": load.acked,
@@ -1193,11 +1348,14 @@ async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
         "misrouted": load.misrouted,
         "unparseable": load.unparseable,
         "write_errors": {str(k): v for k, v in load.write_errors.items()},
+        "write_error_bodies": dict(load.error_bodies),
         "open_failures": dict(load.open_failures),
+        "read_refused": dict(load.refused),
         "readers_reopened_at_end": reopened,
         "readers_ended_or_lost": readers_gone,
         "drain_s": drained_in,
         "server_metrics": metrics,
+        "server_metrics_by_node": by_node,
     }
 
 

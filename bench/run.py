@@ -1,11 +1,15 @@
 """Megaphone benchmark, with nchan (nginx, C) as the baseline, in one command.
 
-    .venv/bin/python bench/run.py [--quick] [--duration 10] [--targets megaphone,nchan]
+    .venv/bin/python bench/run.py [--quick] [--duration 10]
+        [--targets megaphone,megaphone-redis,megaphone-redis-2n,nchan]
         [--workloads throughput,idle,create,resume,churn] [--repeat 3]
 
-For every target and workload (and every phase of the resume and churn workloads) a fresh server
-is started pinned to CPU 0 (``taskset``), the load generator (``bench/loadgen.py``) runs pinned to
-CPU 1, the server is stopped by PID. The results are printed as a markdown table and written to
+Targets: megaphone on its memory store; megaphone on the Redis store, one node
+(``megaphone-redis``) and two nodes on one Redis (``megaphone-redis-2n``: writes on node A, reads
+on node B); nchan. For every target and workload (and every phase of the resume and churn
+workloads) fresh servers are started pinned to CPU 0 (``taskset``; the Redis targets' own
+redis-server too), the load generator (``bench/loadgen.py``) runs pinned to CPU 1, the servers are
+stopped by PID. The results are printed as a markdown table and written to
 ``bench/results/latest.json``. See bench/README.md.
 """
 
@@ -14,10 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -41,9 +47,34 @@ HARNESS_BOUND_PCT = 90.0  # load generator CPU share from which the harness is l
 NOISY_PCT = 10.0  # CPU share of other processes from which a figure is likely disturbed
 QUIET_PCT = 15.0  # background load under which the machine counts as quiet enough to start
 QUIET_WAIT_TOTAL = 60.0  # seconds of such waiting allowed over a whole run
-TARGETS = ("megaphone", "nchan")
+# megaphone: the memory store; megaphone-redis: one node on the Redis store;
+# megaphone-redis-2n: two nodes on one Redis (writers on node A, readers on node B)
+TARGETS = ("megaphone", "megaphone-redis", "megaphone-redis-2n", "nchan")
+REDIS_TARGETS = ("megaphone-redis", "megaphone-redis-2n")
 WORKLOADS = ("throughput", "idle", "create", "resume", "churn")
-MEGAPHONE_ONLY = {"create", "resume"}
+NCHAN_WORKLOADS = ("throughput", "idle", "churn")
+# the Redis targets' workloads unless --workloads names others (a full pass stays ~3 min)
+REDIS_DEFAULT_WORKLOADS = ("throughput", "idle", "create")
+REDIS_SERVER = "/usr/bin/redis-server"
+REDIS_MAPPING = {
+    "megaphone-redis": "one megaphone node on the Redis store: creates, writes and reads on it",
+    "megaphone-redis-2n": "two megaphone nodes on one redis-server, same prefix: channels created "
+    "and written on node A, read on node B (every event crosses nodes through Redis); the create "
+    "workload spreads its connections over both nodes",
+    "placement": "megaphone node(s) and redis-server on CPU 0, the load generator alone on CPU 1",
+}
+REDIS_PREFIX = "bench:"
+# redis-server's log lines (at --loglevel warning) that every start and stop prints
+REDIS_ROUTINE_LOG = (
+    "Redis is starting",
+    "Redis version=",
+    "Configuration loaded",
+    "Server initialized",
+    "overcommit",
+    "Received SIGTERM",
+    "User requested shutdown",
+    "ready to exit",
+)
 NCHAN_MODULE_DIRS = (Path("/usr/lib/nginx/modules"), Path("/usr/share/nginx/modules"))
 
 
@@ -166,12 +197,76 @@ def clean_env() -> dict[str, str]:
 
 @dataclass
 class Server:
-    target: str
+    """One server process (nginx: the master; its worker is in ``pids`` too)."""
+
+    kind: str  # megaphone | nchan | redis
+    name: str  # how problems name it: "megaphone", "megaphone node B", "nginx", "redis-server"
     proc: subprocess.Popen[bytes]
     port: int
-    pids: list[int]  # processes whose CPU and RSS count as the server's
+    pids: list[int]  # processes whose CPU and RSS count as this server's
     log: Path
     nofile: str
+
+
+@dataclass
+class Deployment:
+    """What a workload runs against: the HTTP node(s), any redis-server, which node does what."""
+
+    target: str
+    nodes: list[Server]  # megaphone nodes (A, B, ...) or nginx
+    redis: Server | None = None
+    read: int = 0  # the readers' node (index into nodes)
+    write: int = 0  # the writers' node
+    create: int = 0  # where the channels are created
+
+    def job(self) -> dict[str, Any]:
+        """The load generator's view: ports by role, and the PIDs whose CPU it samples."""
+        job: dict[str, Any] = {
+            "target": self.nodes[0].kind,  # the protocol: megaphone or nchan
+            "target_name": self.target,
+            "port": self.nodes[self.read].port,
+            "write_port": self.nodes[self.write].port,
+            "create_port": self.nodes[self.create].port,
+            "node_ports": [node.port for node in self.nodes],
+            "server_pids": [pid for node in self.nodes for pid in node.pids],
+        }
+        if len(self.nodes) > 1:
+            job["node_pids"] = {NODE_NAMES[i]: node.pids for i, node in enumerate(self.nodes)}
+        if self.redis is not None:
+            job["redis_pids"] = self.redis.pids
+        return job
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "server_pids": [pid for node in self.nodes for pid in node.pids],
+            "server_nofile": self.nodes[0].nofile,
+        }
+        if len(self.nodes) > 1:
+            out["nodes"] = {
+                NODE_NAMES[i]: {
+                    "pids": node.pids,
+                    "roles": [
+                        role
+                        for role, index in (
+                            ("create", self.create),
+                            ("write", self.write),
+                            ("read", self.read),
+                        )
+                        if index == i
+                    ],
+                }
+                for i, node in enumerate(self.nodes)
+            }
+        if self.redis is not None:
+            out["redis_pids"] = self.redis.pids
+            out["redis_nofile"] = self.redis.nofile
+        return out
+
+
+NODE_NAMES = "ABCDEFGH"
+# starts a target's processes, appending each to the list as soon as it runs (to stop them all
+# whatever happens next)
+Starter = Callable[[Path, Sequence[str], list[Server]], Deployment]
 
 
 def megaphone_executable() -> str:
@@ -182,9 +277,11 @@ def megaphone_executable() -> str:
     return found
 
 
-def start_megaphone(workdir: Path, extra: Sequence[str] = ()) -> Server:
+def start_megaphone_node(
+    workdir: Path, extra: Sequence[str] = (), name: str = "megaphone"
+) -> Server:
     port = free_port()
-    log = workdir / "megaphone.log"
+    log = workdir / f"{name.replace(' ', '-')}.log"
     cmd = [
         *pinned(SERVER_CPU),
         megaphone_executable(),
@@ -201,8 +298,91 @@ def start_megaphone(workdir: Path, extra: Sequence[str] = ()) -> Server:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=clean_env()
         )
-    wait_listening(port, proc)
-    return Server("megaphone", proc, port, [proc.pid], log, nofile_limit(proc.pid))
+    return Server("megaphone", name, proc, port, [proc.pid], log, "unknown")
+
+
+def wait_ready(server: Server) -> None:
+    """Wait until the server listens; then read the file limit it runs with."""
+    wait_listening(server.port, server.proc)
+    server.nofile = nofile_limit(server.pids[-1])
+
+
+def start_megaphone(workdir: Path, extra: Sequence[str], started: list[Server]) -> Deployment:
+    """megaphone on its memory store."""
+    node = start_megaphone_node(workdir, extra)
+    started.append(node)
+    wait_ready(node)
+    return Deployment("megaphone", [node])
+
+
+def start_redis(workdir: Path) -> Server:
+    """A private redis-server on a free loopback port: no persistence, log in ``workdir``."""
+    port = free_port()
+    log = workdir / "redis.log"
+    cmd = [
+        *pinned(SERVER_CPU),
+        REDIS_SERVER,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+        str(workdir),
+        "--logfile",
+        str(log),
+        "--loglevel",
+        "warning",
+    ]
+    with open(workdir / "redis.out", "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    return Server("redis", "redis-server", proc, port, [proc.pid], log, "unknown")
+
+
+@functools.cache
+def megaphone_has_flag(flag: str) -> bool:
+    help_text = command_output([megaphone_executable(), "--help"])
+    return re.search(rf"(^|\s){re.escape(flag)}[\s,=]", help_text) is not None
+
+
+def redis_node_args(workdir: Path, redis_port: int) -> list[str]:
+    """megaphone's settings for the Redis store (``--store`` by a config file when the command
+    has no such flag)."""
+    args = ["--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--redis-prefix", REDIS_PREFIX]
+    if megaphone_has_flag("--store"):
+        return ["--store", "redis", *args]
+    config = workdir / "megaphone.toml"
+    config.write_text('store = "redis"\n')
+    return ["--config", str(config), *args]
+
+
+def redis_starter(nodes: int) -> Starter:
+    """megaphone on the Redis store, ``nodes`` nodes on one redis-server (same prefix). With two
+    nodes, channels are created and written on node A and read on node B: every event crosses
+    from one node to the other through Redis."""
+
+    def start(workdir: Path, extra: Sequence[str], started: list[Server]) -> Deployment:
+        redis = start_redis(workdir)
+        started.append(redis)
+        wait_ready(redis)
+        args = [*redis_node_args(workdir, redis.port), *extra]
+        servers = []
+        for number in range(nodes):
+            name = f"megaphone node {NODE_NAMES[number]}" if nodes > 1 else "megaphone"
+            servers.append(start_megaphone_node(workdir, args, name))
+            started.append(servers[-1])
+        for server in servers:
+            wait_ready(server)
+        target = "megaphone-redis" if nodes == 1 else f"megaphone-redis-{nodes}n"
+        read = 1 if nodes > 1 else 0
+        return Deployment(target, servers, redis, read=read, write=0, create=0)
+
+    return start
 
 
 def nchan_module() -> Path | None:
@@ -233,6 +413,25 @@ def ensure_nchan(install: bool) -> str | None:
     if shutil.which("nginx") and nchan_module():
         return None
     return "installed nginx + libnginx-mod-nchan but ngx_nchan_module.so was not found"
+
+
+def ensure_redis(install: bool) -> str | None:
+    """None when redis-server is usable (installs it with apt-get if allowed), else why not."""
+    if Path(REDIS_SERVER).exists():
+        return None
+    if not install:
+        return f"{REDIS_SERVER} not installed (and --no-install given)"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"{REDIS_SERVER} not installed and cannot apt-get install it (need root + apt-get)"
+    print("installing redis-server with apt-get ...", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "redis-server"]):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            return f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}"
+    if Path(REDIS_SERVER).exists():
+        return None
+    return f"installed redis-server but {REDIS_SERVER} was not found"
 
 
 NGINX_CONF = """\
@@ -284,7 +483,7 @@ http {{
 """
 
 
-def start_nchan(workdir: Path, extra: Sequence[str] = ()) -> Server:
+def start_nchan(workdir: Path, extra: Sequence[str], started: list[Server]) -> Deployment:
     module = nchan_module()
     if module is None:
         raise RuntimeError("ngx_nchan_module.so not found")
@@ -304,6 +503,8 @@ def start_nchan(workdir: Path, extra: Sequence[str] = ()) -> Server:
     cmd = [*pinned(SERVER_CPU), "nginx", "-e", str(log), "-p", str(workdir), "-c", str(conf)]
     with open(workdir / "nginx.out", "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    server = Server("nchan", "nginx", proc, port, [proc.pid], log, "unknown")
+    started.append(server)
     wait_listening(port, proc)
     workers: list[int] = []
     deadline = time.monotonic() + 5
@@ -312,26 +513,28 @@ def start_nchan(workdir: Path, extra: Sequence[str] = ()) -> Server:
         time.sleep(0.05)
     if not workers:
         raise RuntimeError("nginx worker process not found")
-    server = Server("nchan", proc, port, [proc.pid, *workers], log, nofile_limit(workers[0]))
-    return server
+    server.pids = [proc.pid, *workers]
+    server.nofile = nofile_limit(workers[0])
+    return Deployment("nchan", [server])
 
 
 def stop(server: Server) -> tuple[list[str], float]:
     """SIGTERM the server's main PID, SIGKILL after 10 s: problems noticed, seconds it took."""
     problems: list[str] = []
     started = time.monotonic()
+    name = server.name
     if server.proc.poll() is not None:
-        problems.append(f"server had exited by itself (code {server.proc.returncode})")
+        problems.append(f"{name} had exited by itself (code {server.proc.returncode})")
     else:
         server.proc.send_signal(signal.SIGTERM)
         try:
             server.proc.wait(10)
         except subprocess.TimeoutExpired:
-            problems.append("server ignored SIGTERM for 10 s; killed")
+            problems.append(f"{name} ignored SIGTERM for 10 s; killed")
             server.proc.kill()
             server.proc.wait()
         if server.proc.returncode not in (0, -signal.SIGTERM):
-            problems.append(f"server exited with code {server.proc.returncode} after SIGTERM")
+            problems.append(f"{name} exited with code {server.proc.returncode} after SIGTERM")
     for pid in server.pids[1:]:  # nginx workers go with their master
         deadline = time.monotonic() + 5
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
@@ -346,15 +549,36 @@ def log_problems(server: Server) -> list[str]:
         lines = server.log.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    if server.target == "nchan":
+    if server.kind == "nchan":
         keep = ("[error]", "[crit]", "[alert]", "[emerg]")
         lines = [line for line in lines if any(level in line for level in keep)]
-    # megaphone runs at --log-level warning: any output at all is worth a look
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        return []
-    shown = lines[:5] + ([f"... ({len(lines) - 5} more lines)"] if len(lines) > 5 else [])
-    return [f"{server.target} log: {line[:400]}" for line in shown]
+    if server.kind == "redis":  # --loglevel warning: all but the routine start and stop lines
+        lines = [line for line in lines if not any(r in line for r in REDIS_ROUTINE_LOG)]
+    # megaphone runs at --log-level warning: any output at all is worth a look. Lines that differ
+    # only in their time stamp are counted together (first and last time shown).
+    kinds: dict[str, list[Any]] = {}  # message -> [count, first time, last time]
+    for line in lines:
+        if not line.strip():
+            continue
+        stamp = LOG_STAMP.search(line)
+        when = (stamp.group(1) or stamp.group(2)) if stamp else ""
+        message = LOG_STAMP.sub("", line, count=1).strip() if stamp else line.strip()
+        kind = kinds.setdefault(message, [0, when, when])
+        kind[0] += 1
+        kind[2] = when
+    out = []
+    for message, (count, first, last) in list(kinds.items())[:8]:
+        times = f", {first} … {last}" if count > 1 and first else (f", {first}" if first else "")
+        lines_word = "line" if count == 1 else "lines"
+        out.append(f"{server.name} log ({count:,} {lines_word}{times}): {message[:400]}")
+    if len(kinds) > 8:
+        out.append(f"{server.name} log: ... {len(kinds) - 8} more kinds of lines")
+    return out
+
+
+# megaphone: "ts=2026-01-01T00:00:00.000Z ...";
+# redis-server: "1234:M 29 Nov 2026 06:11:03.560 # ..."
+LOG_STAMP = re.compile(r"^(?:ts=(\S+)|\d+:[A-Z] (\d+ \w+ \d+ [\d:.]+))\s*")
 
 
 # --- workloads ------------------------------------------------------------------------------
@@ -364,9 +588,11 @@ def log_problems(server: Server) -> list[str]:
 class Plan:
     duration: float
     readers: int
+    redis_readers: int  # the idle workload's readers on the Redis targets
     create_duration: float
     phase_duration: float  # each resume phase, and churn
     workloads: tuple[str, ...] = WORKLOADS
+    redis_workloads: tuple[str, ...] = REDIS_DEFAULT_WORKLOADS  # what the Redis targets run
     pad_bytes: int = 160  # the body then weighs ~200 bytes
     resume_every_events: int = 1_000  # resume: a reader hangs up after this many events
     churn_channels: int = 1_000
@@ -398,12 +624,12 @@ class Plan:
         jobs: dict[str, dict[str, Any]] = {
             "throughput": throughput,
             "idle": {
-                "readers": self.readers,
+                "readers": self.redis_readers if target in REDIS_TARGETS else self.readers,
                 "connect_concurrency": 256,
                 "settle_s": 1.0,
                 "writers": 64,
                 "pad_bytes": self.pad_bytes,
-                "fanout_timeout_s": 60.0,
+                "fanout_timeout_s": 30.0,
             },
             "create": {
                 "connections": 32,
@@ -446,16 +672,13 @@ class Plan:
                 }
             },
         }
-        return {
-            name: job
-            for name, job in jobs.items()
-            if name in self.workloads and (target == "megaphone" or name not in MEGAPHONE_ONLY)
-        }
+        runs = {"megaphone": WORKLOADS, "nchan": NCHAN_WORKLOADS}.get(target, self.redis_workloads)
+        return {name: job for name, job in jobs.items() if name in self.workloads and name in runs}
 
 
 def run_loadgen(job: dict[str, Any]) -> dict[str, Any]:
     cmd = [*pinned(LOADGEN_CPU), sys.executable, str(BENCH / "loadgen.py"), json.dumps(job)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -488,9 +711,6 @@ class QuietGate:
             busy = machine_busy_pct(0.5)
         self.remaining -= time.monotonic() - started
         return busy
-
-
-Starter = Callable[[Path, Sequence[str]], Server]
 
 
 def run_target(
@@ -562,26 +782,25 @@ def run_once(
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)
         result: dict[str, Any] = {"error": "interrupted"}
-        server: Server | None = None
+        started: list[Server] = []
+        deployment: Deployment | None = None
         try:
-            server = start(workdir, server_args)
-            job = {
-                **params,
-                "workload": workload,
-                "target": target,
-                "host": "127.0.0.1",
-                "port": server.port,
-                "server_pids": server.pids,
-            }
+            deployment = start(workdir, server_args, started)
+            job = {**params, "workload": workload, "host": "127.0.0.1", **deployment.job()}
             result = run_loadgen(job)
         except Exception as exc:
             result = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
-            if server is not None:
-                result["server_problems"], result["server_stop_s"] = stop(server)
-                result["server_nofile"] = server.nofile
-                result["server_pids"] = server.pids
-                result["server_args"] = server_args
+            problems: list[str] = []
+            stop_s = 0.0
+            for server in reversed(started):  # the nodes first, then their redis-server
+                found, took = stop(server)
+                problems += found
+                stop_s += took
+            result["server_problems"], result["server_stop_s"] = problems, stop_s
+            if deployment is not None:
+                result.update(deployment.describe())
+            result["server_args"] = server_args
     result["background_cpu_pct_before"] = background
     result["took_s"] = round(time.monotonic() - began, 2)  # server start to stop, all included
     return result
@@ -635,41 +854,164 @@ def dig(*keys: str) -> Getter:
     return get
 
 
+def with_redis(server: Getter, redis: Getter) -> Getter:
+    """All server-side CPU: the server's plus redis-server's (the server's alone without Redis)."""
+
+    def get(result: dict[str, Any]) -> Any:
+        mine, theirs = server(result), redis(result)
+        if not isinstance(mine, int | float):
+            return None
+        return mine + (theirs if isinstance(theirs, int | float) else 0)
+
+    return get
+
+
+def by_node(*keys: str) -> Getter:
+    """Each megaphone node's figure, "A 40 / B 30" (several nodes only)."""
+
+    def get(result: dict[str, Any]) -> Any:
+        nodes = dig(*keys)(result)
+        if not isinstance(nodes, dict) or not nodes:
+            return None
+        return " / ".join(f"{name} {value:.0f}" for name, value in sorted(nodes.items()))
+
+    return get
+
+
+def fanout_per_1k(key: str) -> Getter:
+    """Fan-out CPU (``fanout.<key>``, seconds) per 1,000 events received."""
+
+    def get(result: dict[str, Any]) -> Any:
+        cpu = dig("fanout", key)(result)
+        received = result.get("fanout_received")
+        if not isinstance(cpu, int | float) or not received:
+            return None
+        return float(1e6 * cpu / received)
+
+    return get
+
+
+def count_of(key: str) -> Getter:
+    """The total of a ``{kind: count}`` figure (failed writes by status, refused reads ...)."""
+
+    def get(result: dict[str, Any]) -> Any:
+        counts = result.get(key)
+        return sum(counts.values()) if isinstance(counts, dict) else None
+
+    return get
+
+
+RM = "Redis ÷ memory"
+SR = "server + redis-server"
 # (workload, label, getter, better: "up" | "down" | "" (no ratio), decimals)
 ROWS: list[tuple[str, str, Getter, str, int]] = [
     ("throughput", "writes acknowledged /s", dig("acked_per_s"), "up", 0),
     ("throughput", "events delivered /s", dig("delivered_per_s"), "up", 0),
+    (
+        "throughput",
+        f"{RM}: events delivered /s (issue #4: ≥ 0.50)",
+        dig("vs_memory", "delivered_per_s"),
+        "",
+        2,
+    ),
     ("throughput", "publish→deliver p50 (ms)", dig("latency", "p50_ms"), "down", 2),
     ("throughput", "publish→deliver p99 (ms)", dig("latency", "p99_ms"), "down", 2),
     ("throughput", "publish→deliver max (ms)", dig("latency", "max_ms"), "down", 2),
     ("throughput", "write ack round trip p50 (ms)", dig("ack_rtt", "p50_ms"), "down", 2),
     ("throughput", "events lost (acked, never delivered)", dig("lost"), "", 0),
+    ("throughput", "write errors (non-2xx)", count_of("write_errors"), "", 0),
+    ("throughput", "reads answered 5xx (opened again)", count_of("read_refused"), "", 0),
+    ("throughput", "server CPU (% of one core)", dig("server_cpu_pct"), "", 0),
+    ("throughput", "redis-server CPU (% of one core)", dig("redis_cpu_pct"), "", 0),
+    ("throughput", "megaphone CPU by node (% of one core)", by_node("node_cpu_pct"), "", 0),
+    ("throughput", "server CPU ms / 1,000 events", dig("server_cpu_ms_per_1k_events"), "down", 1),
     (
         "throughput",
-        "write errors (non-2xx)",
-        lambda r: sum(r.get("write_errors", {}).values()),
-        "",
-        0,
+        "redis-server CPU ms / 1,000 events",
+        dig("redis_cpu_ms_per_1k_events"),
+        "down",
+        1,
     ),
-    ("throughput", "server CPU (% of one core)", dig("server_cpu_pct"), "", 0),
-    ("throughput", "server CPU ms / 1,000 events", dig("server_cpu_ms_per_1k_events"), "down", 1),
+    (
+        "throughput",
+        f"{SR} CPU ms / 1,000 events",
+        with_redis(dig("server_cpu_ms_per_1k_events"), dig("redis_cpu_ms_per_1k_events")),
+        "down",
+        1,
+    ),
+    ("throughput", f"{RM}: {SR} CPU / event", dig("vs_memory", "cpu_per_event"), "", 2),
     ("throughput", "load generator CPU (% of one core)", dig("loadgen_cpu_pct"), "", 0),
     ("throughput", "other processes CPU (% of one core)", dig("other_cpu_pct"), "", 0),
     ("idle", "idle streaming readers", dig("readers"), "", 0),
     ("idle", "server RSS growth per reader (KiB)", dig("rss_per_reader_kib"), "down", 2),
+    (
+        "idle",
+        "redis-server RSS growth per reader (KiB)",
+        dig("redis_rss_per_reader_kib"),
+        "down",
+        2,
+    ),
     ("idle", "time to open all readers (s)", dig("connect_s"), "down", 2),
+    ("idle", "reads answered 5xx (opened again)", count_of("read_refused"), "", 0),
     ("idle", "server CPU while idle (% of one core)", dig("idle", "server_cpu_pct"), "", 1),
+    (
+        "idle",
+        "redis-server CPU while idle (% of one core)",
+        dig("idle", "redis_cpu_pct"),
+        "",
+        1,
+    ),
     ("idle", "fan-out: every reader has its event (s)", dig("fanout_all_delivered_s"), "down", 3),
+    ("idle", "fan-out writes answered non-2xx (written again)", count_of("write_errors"), "", 0),
     ("idle", "fan-out latency p50 (ms)", dig("fanout_latency", "p50_ms"), "down", 1),
     ("idle", "fan-out latency p99 (ms)", dig("fanout_latency", "p99_ms"), "down", 1),
-    ("idle", "fan-out server CPU ms / 1,000 events", lambda r: per_1k_fanout(r), "down", 1),
+    ("idle", "fan-out server CPU ms / 1,000 events", fanout_per_1k("server_cpu_s"), "down", 1),
+    (
+        "idle",
+        "fan-out redis-server CPU ms / 1,000 events",
+        fanout_per_1k("redis_cpu_s"),
+        "down",
+        1,
+    ),
+    (
+        "idle",
+        f"fan-out {SR} CPU ms / 1,000 events",
+        with_redis(fanout_per_1k("server_cpu_s"), fanout_per_1k("redis_cpu_s")),
+        "down",
+        1,
+    ),
     ("idle", "fan-out load generator CPU (% of one core)", dig("fanout", "loadgen_cpu_pct"), "", 0),
     ("idle", "fan-out other processes CPU (% of one core)", dig("fanout", "other_cpu_pct"), "", 0),
     ("create", "channels created /s", dig("created_per_s"), "up", 0),
+    ("create", f"{RM}: channels created /s", dig("vs_memory", "created_per_s"), "", 2),
     ("create", "create round trip p50 (ms)", dig("latency", "p50_ms"), "down", 2),
     ("create", "create round trip p99 (ms)", dig("latency", "p99_ms"), "down", 2),
+    ("create", "server CPU (% of one core)", dig("server_cpu_pct"), "", 0),
+    ("create", "redis-server CPU (% of one core)", dig("redis_cpu_pct"), "", 0),
     ("create", "server CPU ms / 1,000 creates", dig("server_cpu_ms_per_1k_creates"), "down", 1),
+    (
+        "create",
+        "redis-server CPU ms / 1,000 creates",
+        dig("redis_cpu_ms_per_1k_creates"),
+        "down",
+        1,
+    ),
+    (
+        "create",
+        f"{SR} CPU ms / 1,000 creates",
+        with_redis(dig("server_cpu_ms_per_1k_creates"), dig("redis_cpu_ms_per_1k_creates")),
+        "down",
+        1,
+    ),
+    ("create", f"{RM}: {SR} CPU / create", dig("vs_memory", "cpu_per_create"), "", 2),
     ("create", "server RSS growth per channel (KiB)", dig("rss_per_channel_kib"), "down", 2),
+    (
+        "create",
+        "redis-server RSS growth per channel (KiB)",
+        dig("redis_rss_per_channel_kib"),
+        "down",
+        2,
+    ),
     ("create", "load generator CPU (% of one core)", dig("loadgen_cpu_pct"), "", 0),
     ("create", "other processes CPU (% of one core)", dig("other_cpu_pct"), "", 0),
 ]
@@ -732,6 +1074,20 @@ ROWS += [
         1,
     ),
     ("resume", f"{C} ÷ {P}: server CPU / event", dig("ratios", "cursor_cpu_per_1k"), "", 2),
+    (
+        "resume",
+        f"{P}: redis-server CPU ms / 1,000 events",
+        phase("plain", "redis_cpu_ms_per_1k_events"),
+        "down",
+        1,
+    ),
+    (
+        "resume",
+        f"{C}: redis-server CPU ms / 1,000 events",
+        phase("cursor", "redis_cpu_ms_per_1k_events"),
+        "down",
+        1,
+    ),
     ("resume", f"{P}: publish→deliver p50 (ms)", phase("plain", "latency", "p50_ms"), "down", 2),
     ("resume", f"{C}: publish→deliver p50 (ms)", phase("cursor", "latency", "p50_ms"), "down", 2),
     ("resume", f"{P}: publish→deliver p99 (ms)", phase("plain", "latency", "p99_ms"), "down", 2),
@@ -877,6 +1233,24 @@ ROWS += [
         "down",
         1,
     ),
+    ("churn", "redis-server CPU (% of one core)", phase("churn", "redis_cpu_pct"), "", 0),
+    (
+        "churn",
+        "redis-server CPU ms / 1,000 events",
+        phase("churn", "redis_cpu_ms_per_1k_events"),
+        "down",
+        1,
+    ),
+    (
+        "churn",
+        f"{SR} CPU ms / 1,000 events",
+        with_redis(
+            phase("churn", "server_cpu_ms_per_1k_events"),
+            phase("churn", "redis_cpu_ms_per_1k_events"),
+        ),
+        "down",
+        1,
+    ),
     (
         "churn",
         "server CPU ms / 1,000 reconnects (all CPU)",
@@ -927,14 +1301,6 @@ LOADGEN_ROW = "load generator CPU (% of one core)"  # rows ending so get the har
 NOISE_ROW = "(% of one core)"  # rows with "other processes CPU" and ending so get the noisy flag
 
 
-def per_1k_fanout(result: dict[str, Any]) -> float | None:
-    cpu = dig("fanout", "server_cpu_s")(result)
-    received = result.get("fanout_received")
-    if cpu is None or not received:
-        return None
-    return float(1e6 * cpu / received)
-
-
 def fmt(value: Any, decimals: int) -> str:
     if value is None:
         return "—"
@@ -943,11 +1309,19 @@ def fmt(value: Any, decimals: int) -> str:
     return str(value)
 
 
+# (column title, target, the target it is divided by)
+RATIO_COLUMNS = (
+    ("megaphone ÷ nchan", "megaphone", "nchan"),
+    ("redis ÷ memory", "megaphone-redis", "megaphone"),
+    ("redis-2n ÷ memory", "megaphone-redis-2n", "megaphone"),
+)
+
+
 def table(results: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> str:
-    baseline = "nchan" if "nchan" in targets and "megaphone" in targets else None
-    header = ["workload", "metric", *targets]
-    if baseline:
-        header += ["megaphone ÷ nchan", "better"]
+    ratios = [(title, a, b) for title, a, b in RATIO_COLUMNS if a in targets and b in targets]
+    header = ["workload", "metric", *targets, *(title for title, _, _ in ratios)]
+    if ratios:
+        header.append("better")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for workload, label, get, better, decimals in ROWS:
         values: dict[str, Any] = {}
@@ -965,14 +1339,77 @@ def table(results: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> 
             if noise and (values[target] or 0) >= NOISY_PCT:
                 cell += " ⚠ noisy"
             cells.append(cell)
-        if baseline:
-            mine, theirs = values.get("megaphone"), values.get(baseline)
+        for _, mine_target, base_target in ratios:
+            mine, base = values.get(mine_target), values.get(base_target)
             ratio = "—"
-            if better and isinstance(mine, int | float) and isinstance(theirs, int | float):
-                ratio = f"{mine / theirs:.2f}x" if theirs else "—"
-            cells += [ratio, {"up": "higher", "down": "lower"}.get(better, "")]
+            comparable = label not in SCALE_DEPENDENT or same_scale(
+                results, workload, mine_target, base_target
+            )
+            if better and isinstance(mine, int | float) and isinstance(base, int | float) and base:
+                ratio = f"{mine / base:.2f}x" if comparable else "— (other N)"
+            cells.append(ratio)
+        if ratios:
+            cells.append({"up": "higher", "down": "lower"}.get(better, ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# idle rows that grow with the number of readers: no ratio between runs with different numbers
+SCALE_DEPENDENT = {
+    "time to open all readers (s)",
+    "fan-out: every reader has its event (s)",
+    "fan-out latency p50 (ms)",
+    "fan-out latency p99 (ms)",
+}
+
+
+def same_scale(results: dict[str, dict[str, dict[str, Any]]], workload: str, *targets: str) -> bool:
+    counts = {dig(workload, "readers")(results.get(target, {})) for target in targets}
+    return len(counts) == 1
+
+
+def add_vs_memory(passes: dict[str, list[dict[str, dict[str, Any]]]]) -> None:
+    """Each Redis target's pass against the memory store's pass of the same number: events
+    delivered /s and all server-side CPU per event (megaphone + redis-server), creations alike.
+    Stored as ``vs_memory`` in the Redis target's workload result (the table shows the median)."""
+    memory = passes.get("megaphone") or []
+    for target in REDIS_TARGETS:
+        for number, workloads in enumerate(passes.get(target) or []):
+            if number >= len(memory):
+                break
+            base = memory[number]
+            for workload, rate, cpu, redis_cpu, out_rate, out_cpu in (
+                (
+                    "throughput",
+                    "delivered_per_s",
+                    "server_cpu_ms_per_1k_events",
+                    "redis_cpu_ms_per_1k_events",
+                    "delivered_per_s",
+                    "cpu_per_event",
+                ),
+                (
+                    "create",
+                    "created_per_s",
+                    "server_cpu_ms_per_1k_creates",
+                    "redis_cpu_ms_per_1k_creates",
+                    "created_per_s",
+                    "cpu_per_create",
+                ),
+            ):
+                mine, theirs = workloads.get(workload), base.get(workload)
+                if not mine or not theirs or "error" in mine or "error" in theirs:
+                    continue
+                all_cpu = with_redis(dig(cpu), dig(redis_cpu))
+                mine["vs_memory"] = {
+                    out_rate: quotient(mine.get(rate), theirs.get(rate)),
+                    out_cpu: quotient(all_cpu(mine), all_cpu(theirs)),
+                }
+
+
+def quotient(a: Any, b: Any) -> float | None:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return float(a / b)
+    return None
 
 
 def median_merge(values: list[Any]) -> Any:
@@ -1024,6 +1461,13 @@ def result_anomalies(where: str, workload: str, r: dict[str, Any]) -> Iterator[s
     for key in ("write_errors", "failures", "open_failures"):
         if r.get(key):
             yield f"{where}: {key} = {r[key]}"
+    for key, what in (
+        ("write_error_bodies", "writes answered"),
+        ("failure_bodies", "creates answered"),
+        ("read_refused", "reads answered (opened again)"),
+    ):
+        for answer, count in (r.get(key) or {}).items():
+            yield f"{where}: {count:.0f} {what} {answer}"
     for key in ("readers_ended_or_lost", "early_lines", "extra_lines", "readers_reopened_at_end"):
         if r.get(key):
             yield f"{where}: {key} = {r[key]}"
@@ -1065,10 +1509,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None, help="throughput seconds (10)")
     parser.add_argument("--readers", type=int, default=None, help="idle readers (10,000)")
     parser.add_argument(
-        "--targets", default=",".join(TARGETS), help="comma-separated: megaphone,nchan"
+        "--redis-readers",
+        type=int,
+        default=1_000,
+        help="idle readers on the Redis targets (1,000: each idle reader polls Redis every second)",
     )
     parser.add_argument(
-        "--no-install", action="store_true", help="do not apt-get install nginx/nchan if missing"
+        "--targets", default=",".join(TARGETS), help=f"comma-separated, from {','.join(TARGETS)}"
+    )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="do not apt-get install nginx/nchan or redis-server if missing",
     )
     parser.add_argument(
         "--repeat",
@@ -1092,11 +1544,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workloads",
-        default=",".join(WORKLOADS),
-        help=f"comma-separated, from {','.join(WORKLOADS)} (all)",
+        default=None,
+        help=f"comma-separated, from {','.join(WORKLOADS)} (all; the Redis targets: "
+        f"{','.join(REDIS_DEFAULT_WORKLOADS)} unless named here)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
+    args.workloads_named = args.workloads is not None
+    if args.workloads is None:
+        args.workloads = ",".join(WORKLOADS)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown_workloads = set(args.workloads) - set(WORKLOADS)
     if unknown_workloads or not args.workloads:
@@ -1120,9 +1576,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(
         duration=duration,
         readers=args.readers if args.readers is not None else (1_000 if args.quick else 10_000),
+        redis_readers=args.redis_readers,
         create_duration=min(duration, 2.0 if args.quick else 5.0),
         phase_duration=min(duration, 2.0 if args.quick else 5.0),
         workloads=tuple(w for w in WORKLOADS if w in args.workloads),
+        redis_workloads=WORKLOADS if args.workloads_named else REDIS_DEFAULT_WORKLOADS,
     )
     nofile = raise_nofile()
     if not pinned(0):
@@ -1151,9 +1609,18 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             skipped["nchan"] = reason
             print(f"skipping nchan: {reason}", file=sys.stderr)
-    ran = [t for t in args.targets if t not in skipped]
+    wants_redis = [t for t in args.targets if t in REDIS_TARGETS and t not in skipped]
+    if wants_redis:
+        reason = ensure_redis(install=not args.no_install)
+        if reason:
+            for target in wants_redis:
+                skipped[target] = reason
+            print(f"skipping {', '.join(wants_redis)}: {reason}", file=sys.stderr)
+    ran = [t for t in TARGETS if t in args.targets and t not in skipped]
     starters: dict[str, Starter] = {
         "megaphone": start_megaphone,
+        "megaphone-redis": redis_starter(1),
+        "megaphone-redis-2n": redis_starter(2),
         "nchan": start_nchan,
     }
     passes: dict[str, list[dict[str, dict[str, Any]]]] = {t: [] for t in ran}
@@ -1163,6 +1630,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pass {number}/{args.repeat}", file=sys.stderr)
         for target in ran:  # passes interleave targets, so slow drifts hit both alike
             passes[target].append(run_target(target, starters[target], plan, gate))
+    add_vs_memory(passes)
     results = {
         target: {workload: median_merge([run[workload] for run in runs]) for workload in runs[0]}
         for target, runs in passes.items()
@@ -1184,6 +1652,14 @@ def main(argv: list[str] | None = None) -> int:
             if "nchan" in ran
             else None
         ),
+        "redis_server": (
+            command_output([REDIS_SERVER, "--version"])
+            if any(t in REDIS_TARGETS for t in ran)
+            else None
+        ),
+        "redis_py": command_output([sys.executable, "-c", "import redis; print(redis.__version__)"])
+        if any(t in REDIS_TARGETS for t in ran)
+        else None,
         "rlimit_nofile": list(nofile),
         "server_cpu": SERVER_CPU if pinned(0) else None,
         "loadgen_cpu": LOADGEN_CPU if pinned(0) else None,
@@ -1194,6 +1670,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1),
         "environment": env,
         "plan": {**vars(plan), "repeat": args.repeat},
+        "redis_mapping": REDIS_MAPPING,
         "skipped": skipped,
         "results": results,  # the median over the passes, number by number
         "passes": passes,
@@ -1202,11 +1679,18 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
 
+    redis_note = ""
+    if any(t in REDIS_TARGETS for t in ran):
+        redis_note = (
+            f"Redis targets: {','.join(w for w in plan.workloads if w in plan.redis_workloads)}, "
+            f"{plan.redis_readers:,} idle readers, {env['redis_server'].split(' sha=')[0]} · "
+        )
     print(
         f"\n{report['started']} · nproc {env['nproc']} · {env['cpu_model']} · "
         f"server on CPU {env['server_cpu']}, load generator on CPU {env['loadgen_cpu']} · "
         f"workloads {','.join(plan.workloads)} · throughput {plan.duration:g} s · "
         f"{plan.readers:,} idle readers · resume phases and churn {plan.phase_duration:g} s · "
+        f"{redis_note}"
         f"{'median of ' + str(args.repeat) + ' passes · ' if args.repeat > 1 else ''}"
         f"run took {elapsed:.0f} s · megaphone {env['megaphone_source']} · "
         f"background load before the run {background:.0f}% of one core\n"
