@@ -7,9 +7,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 
 from megaphone.core.addressing import new_consumer_address
+from megaphone.core.events import make_event
 from megaphone.metrics import Metrics
 from megaphone.store.redis import RedisStore, _Keys
 from support import RedisServer
@@ -70,3 +72,103 @@ async def test_a_cancelled_attach_does_not_keep_the_lease(
     released = subscription.close()
     assert released is not None
     await released
+
+
+async def wait_lines(sink: Sink, count: int) -> None:
+    """Until the sink holds ``count`` lines; the bound only turns a hang into a failure."""
+    for _ in range(1000):
+        if len(sink.lines) >= count:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"{len(sink.lines)} of {count} events arrived")
+
+
+async def test_concurrent_calls_beyond_the_pool_queue_instead_of_failing(
+    redis_server: RedisServer,
+) -> None:
+    """With one pooled connection, 200 concurrent writes to 20 channels all succeed: calls queue
+    for a connection (and share pipelines) instead of failing with MaxConnectionsError."""
+    store = RedisStore(
+        url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:", max_connections=1
+    )
+    await store.start()
+    try:
+        keys = [new_consumer_address("a") for _ in range(20)]
+        for address, key in keys:
+            await store.create(key, address, 100)
+        await asyncio.gather(
+            *(store.write(key, make_event("s", n), 1.0) for n in range(10) for _, key in keys)
+        )
+        assert store.metrics.messages_received == 200
+    finally:
+        await store.aclose()
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(store: RedisStore) -> None:
+    """A Redis that lost its scripts (restart, SCRIPT FLUSH) answers NOSCRIPT; the store loads
+    them and runs the call again, once: no error reaches the caller, nothing is doubled."""
+    address, key = new_consumer_address("a")
+    await store.create(key, address, 100)
+    await store.redis.script_flush()
+    await asyncio.gather(*(store.write(key, make_event("s", n), 0.0) for n in range(5)))
+    sink = Sink()
+    subscription = await store.attach(key, sink, None)
+    subscription.start()
+    await wait_lines(sink, 5)
+    await asyncio.sleep(0.05)
+    assert [orjson.loads(line)["body"] for line in sink.lines] == [0, 1, 2, 3, 4]
+    await _closed(subscription)
+
+
+async def test_one_notification_per_take(store: RedisStore) -> None:
+    """Writes publish a wake-up only while the reader waits: a burst written before the reader
+    takes again costs one notification, not one per event, and every event still arrives."""
+    address, key = new_consumer_address("a")
+    await store.create(key, address, 100)
+    sink = Sink()
+    subscription = await store.attach(key, sink, None)
+    subscription.start()
+    await asyncio.sleep(0.05)  # the first (empty) take armed the notification
+    meta = _Keys(store.prefix, key).meta
+    assert await store.redis.hget(meta, "wk") == b"1"
+    probe = store.redis.pubsub()
+    await probe.subscribe(_Keys(store.prefix, key).notify)
+    await probe.get_message(timeout=1.0)  # the subscribe confirmation
+    await asyncio.gather(*(store.write(key, make_event("s", n), 0.0) for n in range(50)))
+    await wait_lines(sink, 50)
+    published = 0
+    while await probe.get_message(timeout=0.2) is not None:
+        published += 1
+    await probe.aclose()  # type: ignore[no-untyped-call]
+    assert 1 <= published < 50
+    await _closed(subscription)
+
+
+async def test_a_lost_notification_connection_wakes_every_reader(
+    redis_server: RedisServer,
+) -> None:
+    """Events published while the notification connection was down are not lost: once it is
+    back, every reader of the node looks again, long before the (here: 60 s) safety tick."""
+    store = RedisStore(
+        url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:", poll=60.0
+    )
+    await store.start()
+    try:
+        address, key = new_consumer_address("a")
+        await store.create(key, address, 100)
+        sink = Sink()
+        subscription = await store.attach(key, sink, None)
+        subscription.start()
+        await asyncio.sleep(0.05)
+        await store.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await store.write(key, make_event("s", "while away"), 0.0)  # its wake-up is lost
+        await wait_lines(sink, 1)
+        await _closed(subscription)
+    finally:
+        await store.aclose()
+
+
+async def _closed(subscription: Any) -> None:
+    released = subscription.close()
+    if released is not None:
+        await released

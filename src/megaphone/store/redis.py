@@ -25,17 +25,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from megaphone.core.addressing import ChannelKey, new_agent_key
@@ -97,7 +100,12 @@ end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[1], 'l', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'np', 1)
 if head == ARGV[4] then redis.call('LPOP', KEYS[3]) end
-if redis.call('HEXISTS', KEYS[1], 'reader') == 1 then redis.call('PUBLISH', ARGV[7], '') end
+-- wake the reader only if it waits: after each take it arms ``wk``, and one notification per
+-- take is enough, whatever was written meanwhile
+if redis.call('HGET', KEYS[1], 'wk') == '1' and redis.call('HEXISTS', KEYS[1], 'reader') == 1 then
+  redis.call('HDEL', KEYS[1], 'wk')
+  redis.call('PUBLISH', ARGV[7], '')
+end
 if redis.call('PTTL', KEYS[2]) < 0 then
   redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
 end
@@ -142,6 +150,7 @@ local start = ARGV[2]
 if start ~= '-' then start = '(' .. start end
 local entries = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', ARGV[3])
 local out = {0, 0}
+redis.call('HSET', KEYS[1], 'wk', '1')
 if #entries == 0 then return out end
 local dl = redis.call('HGET', KEYS[1], 'dl')
 local new = 0
@@ -154,15 +163,10 @@ end
 out[2] = new
 local last = entries[#entries][1]
 if new > 0 then
-  redis.call('HINCRBY', KEYS[1], 'np', -new)
+  local pending = redis.call('HINCRBY', KEYS[1], 'np', -new)
   redis.call('HSET', KEYS[1], 'dl', last)
-  local window = tonumber(ARGV[4])
-  if window == 0 then
-    redis.call('XTRIM', KEYS[2], 'MINID', after(last))
-  else
-    local kept = redis.call('XREVRANGE', KEYS[2], last, '-', 'COUNT', window + 1)
-    if #kept > window then redis.call('XTRIM', KEYS[2], 'MINID', kept[window][1]) end
-  end
+  -- the stream holds the window (sent) and then the pending events: keep the newest of both
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', tonumber(ARGV[4]) + pending)
 end
 return out
 """
@@ -208,6 +212,7 @@ return {1, lost}
 
 STATUS = {0: ResumeStatus.NONE, 1: ResumeStatus.RESUMED, 2: ResumeStatus.UNKNOWN}
 TAKE_BATCH = 256
+RELEASE_TRIES = 6  # over ~1.6 s
 
 
 def _now_ms() -> int:
@@ -263,9 +268,9 @@ class RedisStore(ChannelStore):
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
-        self._scripts = {
-            name: self.redis.register_script(source)
-            for name, source in {
+        self._scripts = _Pipeliner(
+            self.redis,
+            {
                 "create": CREATE,
                 "write": WRITE,
                 "attach": ATTACH,
@@ -273,15 +278,17 @@ class RedisStore(ChannelStore):
                 "release": RELEASE,
                 "expire": EXPIRE,
                 "delete": DELETE,
-            }.items()
-        }
+            },
+            self._spawn,
+        )
         self._expiry = prefix + "expiry"
         self._count = prefix + "count"
         self._agents = prefix + "agents"
-        self._pubsub = self.redis.pubsub()
+        self._pubsub = _PubSub(self.redis.connection_pool, on_connect=self._wake_all)
         self._readers: dict[str, _RedisSubscription] = {}
         self._releasing: dict[str, asyncio.Future[None]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -295,7 +302,7 @@ class RedisStore(ChannelStore):
             raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._call(self._scripts[name](keys=keys, args=args))
+        return await self._scripts.call(name, keys, args)
 
     def _spawn(self, coro: Awaitable[T]) -> asyncio.Future[T]:
         task = asyncio.ensure_future(coro)
@@ -304,7 +311,9 @@ class RedisStore(ChannelStore):
         return task
 
     async def start(self) -> None:
-        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        loop = asyncio.get_running_loop()
+        self._listener = loop.create_task(self._listen())
+        self._ticker = loop.create_task(self._tick())
 
     async def ping(self) -> None:
         await self._call(self.redis.ping())
@@ -440,15 +449,20 @@ class RedisStore(ChannelStore):
             del self._readers[ids.notify]
         with contextlib.suppress(StoreUnavailable):
             await self._call(self._pubsub.unsubscribe(ids.notify))
-        now = _now_ms()
-        try:
-            released = await self._script(
-                "release", ids.keys, [token, now, self.ttl_ms, self.safety_ms]
-            )
-            if released:
-                await self._call(self.redis.zadd(self._expiry, {ids.id: now + self.ttl_ms}))
-        except StoreUnavailable:
-            log.warning("could not release a reader lease; it lapses by itself")
+        # a lease left behind answers 409 until it lapses: worth a few tries through a blip
+        for attempt in range(RELEASE_TRIES):
+            now = _now_ms()
+            try:
+                released = await self._script(
+                    "release", ids.keys, [token, now, self.ttl_ms, self.safety_ms]
+                )
+                if released:
+                    await self._call(self.redis.zadd(self._expiry, {ids.id: now + self.ttl_ms}))
+                return
+            except StoreUnavailable:
+                if attempt + 1 < RELEASE_TRIES:
+                    await asyncio.sleep(0.05 * 2**attempt)
+        log.warning("could not release a reader lease (redis unavailable); it lapses by itself")
 
     async def delete(self, key: ChannelKey) -> bool:
         ids = _Keys(self.prefix, key)
@@ -517,10 +531,11 @@ class RedisStore(ChannelStore):
         self._closed = True
         for subscription in list(self._readers.values()):
             subscription.close()
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._background:
             await asyncio.wait(set(self._background), timeout=2)
         with contextlib.suppress(RedisError, OSError):
@@ -551,6 +566,100 @@ class RedisStore(ChannelStore):
             subscription = self._readers.get(_text(message["channel"]))
             if subscription is not None:
                 subscription.notified(_text(message["data"]))
+
+    async def _tick(self) -> None:
+        """The safety net under the notifications: every reader looks again every ``poll``."""
+        while True:
+            await asyncio.sleep(self.poll)
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        for subscription in list(self._readers.values()):
+            subscription.resume()
+
+
+class _PubSub(PubSub):
+    """The notification connection; each (re)connect wakes every reader of the node, since what
+    was published while it was down is lost (redis-py reconnects and resubscribes silently)."""
+
+    def __init__(self, pool: aioredis.ConnectionPool, on_connect: Callable[[], None]) -> None:
+        super().__init__(pool)
+        self._woken = on_connect
+
+    async def on_connect(self, connection: Connection) -> None:
+        await super().on_connect(connection)
+        self._woken()
+
+
+# one script call waiting for its pipeline: name, keys, args, the caller's future
+_Call = tuple[str, list[str], list[Any], asyncio.Future[Any]]
+
+
+class _Pipeliner:
+    """Auto-pipelining of the Lua scripts: the calls made in one turn of the event loop (the
+    writes of every request that arrived together, the takes of every woken reader) go to Redis
+    as one pipeline, so the round trip, the pool checkout and the system calls are paid once per
+    batch instead of once per call. Each caller still gets its own reply, or ``StoreUnavailable``.
+
+    Scripts run by SHA; a Redis that lost them (restart, ``SCRIPT FLUSH``) answers NOSCRIPT
+    without running anything, so those calls are loaded and sent again.
+    """
+
+    MAX_BATCH = 512
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        sources: dict[str, str],
+        spawn: Callable[[Awaitable[None]], asyncio.Future[None]],
+    ) -> None:
+        self.redis = redis
+        self.sources = sources
+        self.shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in sources.items()}
+        self.spawn = spawn
+        self.pending: list[_Call] = []
+
+    def call(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.pending.append((name, keys, args, future))
+        return future
+
+    def _flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for start in range(0, len(pending), self.MAX_BATCH):
+            self.spawn(self._run(pending[start : start + self.MAX_BATCH]))
+
+    async def _run(self, batch: list[_Call]) -> None:
+        try:
+            replies = await self._execute(batch)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                for name, source in self.sources.items():
+                    self.shas[name] = await self.redis.script_load(source)
+                again = await self._execute([batch[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        except (RedisError, OSError) as exc:
+            replies = [exc] * len(batch)
+        for (_, _, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # the caller was cancelled; the script ran all the same
+                continue
+            if isinstance(reply, Exception):
+                error = StoreUnavailable(f"redis unavailable: {type(reply).__name__}")
+                error.__cause__ = reply
+                future.set_exception(error)
+            else:
+                future.set_result(reply)
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        pipe: Pipeline
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, keys, args, _ in batch:
+                pipe.evalsha(self.shas[name], len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
 
 class _RedisSubscription:
@@ -613,17 +722,20 @@ class _RedisSubscription:
 
     async def _run(self) -> None:
         store, metrics = self.store, self.store.metrics
+        backoff = 0.05
         while not self.closed:
             self.wake.clear()
             if self.sink.writable:
                 try:
                     new, events = await store._take(self.ids, self.token, self.last)
                 except StoreUnavailable:
-                    events, new = [], 0
-                else:
-                    if new == -1:  # the lease is gone (channel deleted or lapsed)
-                        self._end()
-                        return
+                    await asyncio.sleep(backoff)  # Redis is away: try again soon, not at a tick
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                backoff = 0.05
+                if new == -1:  # the lease is gone (channel deleted or lapsed)
+                    self._end()
+                    return
                 if events:
                     self.last = events[-1][0]
                     metrics.messages_read += new
@@ -631,10 +743,8 @@ class _RedisSubscription:
                     self.sink.deliver([line for _, line in events])
                     if len(events) == TAKE_BATCH:
                         continue  # there may be more already
-                    # else: what came meanwhile has set ``wake`` again: no empty take needed
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(store.poll):
-                    await self.wake.wait()
+                # the take armed the channel's notification: the next write wakes us
+            await self.wake.wait()
 
 
 def _text(value: Any) -> str:
