@@ -72,3 +72,23 @@ def test_invalid_configuration_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "agent" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_choice_settings_are_flags(tmp_path: Path) -> None:
+    """Settings with a fixed set of values (``store``, ``log_level``) are flags too, and a value
+    outside the set is refused with exit code 2 and no traceback."""
+    args = [MEGAPHONE, "--check", "--store", "redis", "--log-level", "warning"]
+    result = subprocess.run(args, cwd=tmp_path, env=clean_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(result.stdout)
+    assert (settings["store"], settings["log_level"]) == ("redis", "warning")
+    result = subprocess.run(
+        [MEGAPHONE, "--check", "--store", "disk"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "disk" in result.stderr
+    assert "Traceback" not in result.stderr
