@@ -26,12 +26,13 @@ import json
 import os
 import random
 import resource
+import statistics
 import sys
 import time
 import urllib.parse
 from array import array
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -171,12 +172,18 @@ class HttpConn(asyncio.Protocol):
     ``source()`` gives the next request (or None: this connection is done; or a float: ask again
     after that many seconds, for paced writers); ``sink`` gets every response. Only
     ``Content-Length`` responses are understood, which is all the targets send for the requests
-    made here.
+    made here. A response with ``Connection: close`` (pushpin's publish endpoint answers every
+    request so) is followed by a new connection to the same address before the next request; the
+    round trip passed to ``sink`` does not include that connect.
     """
 
-    def __init__(self, source: Source, sink: Sink) -> None:
+    def __init__(self, source: Source, sink: Sink, address: tuple[str, int] = ("", 0)) -> None:
         self.source = source
         self.sink = sink
+        self.address = address
+        self.closing = 0  # connections closed on purpose whose connection_lost is still to come
+        self.reconnects = 0
+        self.reopening: asyncio.Future[None] | None = None
         self.buf = bytearray()
         self.tag = 0
         self.sent_at = 0.0
@@ -227,7 +234,28 @@ class HttpConn(asyncio.Protocol):
             body = bytes(buf[end + 4 : total])
             del buf[:total]
             self.sink(status, self.tag, body, now() - self.sent_at)
+            if b"\r\nconnection: close" in head:
+                self._reopen()
+                return
             self._next()
+
+    def _reopen(self) -> None:
+        """The server closes this connection: open a new one, then go on with the loop."""
+        self.closing += 1
+        self.buf.clear()
+        assert self.transport is not None
+        self.transport.close()
+        self.reconnects += 1
+
+        async def reopen() -> None:
+            try:
+                await asyncio.get_running_loop().create_connection(lambda: self, *self.address)
+            except OSError as exc:
+                self._fail(f"could not reconnect: {exc!r}")
+                return
+            self._next()
+
+        self.reopening = asyncio.ensure_future(reopen())
 
     def _fail(self, reason: str) -> None:
         if not self.done.done():
@@ -236,6 +264,9 @@ class HttpConn(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closing:
+            self.closing -= 1
+            return
         if not self.done.done():
             self.done.set_exception(ConnectionError(f"connection lost mid-loop: {exc!r}"))
 
@@ -257,7 +288,11 @@ async def connect(
     conns: list[HttpConn] = []
     for number in range(connections):
         mine = own_source(number) if own_source is not None else source
-        _, conn = await loop.create_connection(lambda: HttpConn(mine, sink), host, port)  # noqa: B023
+        _, conn = await loop.create_connection(
+            lambda: HttpConn(mine, sink, (host, port)),  # noqa: B023
+            host,
+            port,
+        )
         conns.append(conn)
     return conns
 
@@ -450,6 +485,24 @@ def close_all(readers: Sequence[StreamReader]) -> None:
 class Channel:
     write_path: bytes
     read_path: bytes
+    name: bytes = b""  # nchan, pushpin: the channel's name; megaphone: its producer address
+    grip: bool = False  # pushpin: a write is a publish (POST /publish/) naming the channel
+
+    def write(self, body: bytes) -> bytes:
+        """The request that writes ``body`` (one event) into this channel."""
+        if self.grip:
+            return write_request(self.write_path, grip_items([self.name], body))
+        return write_request(self.write_path, body)
+
+
+def grip_items(channels: Sequence[bytes], body: bytes) -> bytes:
+    """pushpin's publish body: one item per channel, the event as an http-stream line."""
+    content = body.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    items = b",".join(
+        b'{"channel":"%b","formats":{"http-stream":{"content":"%b\\n"}}}' % (name, content)
+        for name in channels
+    )
+    return b'{"items":[%b]}' % items
 
 
 # Which node does what, when the target has several (megaphone on a shared Redis): ``port`` is
@@ -475,11 +528,13 @@ def node_ports(job: dict[str, Any]) -> list[int]:
 
 
 async def make_channels(job: dict[str, Any], count: int, connections: int = 32) -> list[Channel]:
-    """megaphone: ``POST /create`` each; nchan: channels are just names."""
-    if job["target"] == "nchan":
-        tag = os.urandom(4).hex()
-        name = b"bench%s" % tag.encode()
-        return [Channel(b"/pub/%s%d" % (name, i), b"/sub/%s%d" % (name, i)) for i in range(count)]
+    """megaphone: ``POST /create`` each; nchan and pushpin: channels are just names."""
+    if job["target"] in ("nchan", "pushpin"):
+        tag = b"bench%s" % os.urandom(4).hex().encode()
+        names = [b"%s%d" % (tag, i) for i in range(count)]
+        if job["target"] == "pushpin":  # the origin holds /sub/<name> on channel <name>
+            return [Channel(b"/publish/", b"/sub/%s" % n, n, grip=True) for n in names]
+        return [Channel(b"/pub/%s" % n, b"/sub/%s" % n, n) for n in names]
     channels: list[Channel] = []
     failures: Counter[int] = Counter()
     issued = 0
@@ -497,10 +552,12 @@ async def make_channels(job: dict[str, Any], count: int, connections: int = 32) 
             failures[status] += 1
             return
         created = orjson.loads(body)
+        producer = created["producerAddress"].encode()
         channels.append(
             Channel(
-                b"/write/%s/s" % created["producerAddress"].encode(),
+                b"/write/%s/s" % producer,
                 b"/read/%s" % created["consumerAddress"].encode(),
+                producer,
             )
         )
 
@@ -508,6 +565,26 @@ async def make_channels(job: dict[str, Any], count: int, connections: int = 32) 
     if failures:
         raise RuntimeError(f"channel creation failed: {dict(failures)}")
     return channels
+
+
+async def fill_idle(job: dict[str, Any], count: int) -> None:
+    """Create ``count`` channels that nobody reads and write one pending event into each."""
+    channels = await make_channels(job, count, connections=64)
+    body = b'{"idle":true,"pad":"%b"}' % (b"x" * job["pad_bytes"])
+    pending = iter(channels)
+    failed: Counter[str] = Counter()
+
+    def source() -> Request | None:
+        channel = next(pending, None)
+        return None if channel is None else (channel.write(body), 0)
+
+    def sink(status: int, tag: int, answer: bytes, rtt: float) -> None:
+        if not 200 <= status < 300:
+            note_error(failed, status, answer)
+
+    await closed_loop(job["host"], write_port(job), 64, source, sink)
+    if failed:
+        raise RuntimeError(f"writing the idle channels' events failed: {dict(failed)}")
 
 
 def note_error(bodies: Counter[str], status: int, body: bytes) -> None:
@@ -565,12 +642,23 @@ async def scrape_node(host: str, port: int) -> Metrics:
 
 
 class Throughput:
-    """Closed-loop writers spread over the channels; readers check and time every event."""
+    """Writers spread round-robin over the channels; readers check and time every event.
+
+    Closed loop (each writer sends its next write when the last one is answered), or, with
+    ``write_rate``, paced at that many writes/s over all writers: writer k sends its i-th write
+    at t0 + (i*W + k)/rate, or at once when its previous one was answered later than that. A
+    paced write carries its scheduled time as the send time, so a writer held up by a slow
+    answer adds that delay to the latency of the writes it held back (no coordinated omission).
+    """
 
     def __init__(self, job: dict[str, Any], channels: list[Channel]) -> None:
         self.channels = channels
         self.wrapped = job["target"] == "megaphone"  # megaphone wraps the body in an event
         self.pad = b"x" * job["pad_bytes"]
+        self.rate = float(job.get("write_rate") or 0)
+        self.writers: int = job["writers"]
+        self.t0 = 0.0  # paced: when the schedule starts
+        self.late = 0  # paced: writes sent more than 1 ms after their scheduled time
         self.running = True
         self.recording = False
         self.seq = 0
@@ -592,10 +680,32 @@ class Throughput:
         seq = self.seq
         self.seq = seq + 1
         channel = self.channels[seq % len(self.channels)]
-        return write_request(channel.write_path, self.body(seq)), seq
+        return channel.write(self.body(seq)), seq
 
-    def body(self, seq: int) -> bytes:
-        return b'{"seq":%d,"t":%.6f,"pad":"%b"}' % (seq, now(), self.pad)
+    def body(self, seq: int, sent: float | None = None) -> bytes:
+        return b'{"seq":%d,"t":%.6f,"pad":"%b"}' % (seq, now() if sent is None else sent, self.pad)
+
+    def writer_source(self, number: int) -> Source:
+        """Paced writer ``number``'s requests (see the class)."""
+        sent = 0
+
+        def source() -> Request | float | None:
+            nonlocal sent
+            if not self.running:
+                return None
+            due = self.t0 + (sent * self.writers + number) / self.rate
+            wait = due - now()
+            if wait > 0.0002:
+                return wait
+            if wait < -0.001 and self.recording:
+                self.late += 1
+            sent += 1
+            seq = self.seq
+            self.seq = seq + 1
+            channel = self.channels[seq % len(self.channels)]
+            return channel.write(self.body(seq, due)), seq
+
+        return source
 
     def on_ack(self, status: int, seq: int, body: bytes, rtt: float) -> None:
         if 200 <= status < 300:
@@ -630,13 +740,22 @@ class Throughput:
 
 
 async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
+    """Workloads ``throughput``, ``latency`` (paced writes) and ``scale`` (``idle_channels``
+    more channels created first, each given one pending event, never read)."""
     host = job["host"]
+    idle_channels = job.get("idle_channels", 0)
+    if idle_channels:
+        await fill_idle(job, idle_channels)
     channels = await make_channels(job, job["channels"])
     load = Throughput(job, channels)
     paths = [c.read_path for c in channels]
     refused: Counter[str] = Counter()
     readers = await open_readers(host, read_port(job), paths, load.on_lines, 100, refused)
-    conns = await connect(host, write_port(job), job["writers"], load.next_write, load.on_ack)
+    paced = load.writer_source if load.rate else None
+    conns = await connect(
+        host, write_port(job), job["writers"], load.next_write, load.on_ack, own_source=paced
+    )
+    load.t0 = now()
     writers = asyncio.ensure_future(drive(conns))
     await asyncio.sleep(job["warmup_s"])
     acked0, delivered0 = load.acked, load.delivered
@@ -646,6 +765,7 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
     load.recording = False
     end = Sample.take(job)
     acked1, delivered1 = load.acked, load.delivered
+    rss_kib = proc_rss_kib(job["server_pids"])
     load.running = False
     await writers  # in-flight writes get their answers
 
@@ -670,7 +790,12 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
     return {
         **stats,
         "channels": len(channels),
+        "idle_channels": idle_channels,
         "writers": job["writers"],
+        "write_rate": load.rate or None,
+        "writes_late": load.late if load.rate else None,
+        "writer_reconnects": sum(c.reconnects for c in conns),
+        "server_rss_kib": rss_kib,
         "body_bytes": len(load.body(10**6)),
         "acked_per_s": acked / stats["wall_s"],
         "delivered_per_s": delivered / stats["wall_s"],
@@ -730,7 +855,7 @@ class FanOut:
             self.next_index = index + 1
         self.attempts[index] += 1
         body = b'{"seq":%d,"t":%.6f,"pad":"%b"}' % (index, now(), self.pad)
-        return write_request(self.channels[index].write_path, body), index
+        return self.channels[index].write(body), index
 
     def on_ack(self, status: int, index: int, body: bytes, rtt: float) -> None:
         if 200 <= status < 300:
@@ -834,6 +959,224 @@ async def run_idle(job: dict[str, Any]) -> dict[str, Any]:
         "read_refused": dict(refused),
         "server_metrics": metrics,
         "server_metrics_by_node": by_node,
+    }
+
+
+# --- workload batch: one write to 1,000 channels, against 1,000 single writes ---------------
+
+NCHAN_MULTI_PUBLISH = 250  # nchan publishes to at most 255 channels per request
+
+
+class Rounds:
+    """Rounds of one event into every channel, each round waiting until every reader has it.
+
+    ``batch`` rounds send as few requests as the target allows: megaphone one ``POST
+    /write-batch`` naming every channel, pushpin one ``POST /publish/`` with one item per
+    channel, nchan one ``POST /mpub/a,b,...`` per 250 channels (all at once, one connection
+    each). ``single`` rounds write each channel on its own, over 64 keep-alive connections.
+    """
+
+    def __init__(self, job: dict[str, Any], channels: list[Channel]) -> None:
+        self.job = job
+        self.target = job["target"]
+        self.channels = channels
+        self.wrapped = self.target == "megaphone"
+        self.pad = b"x" * job["pad_bytes"]
+        self.round = -1
+        self.got = bytearray(len(channels))
+        self.waiting = 0
+        self.done: asyncio.Future[None] | None = None
+        self.last_at = 0.0
+        self.latency: array[float] = array("d")
+        self.extra = 0  # lines that were not this round's first event for their reader
+        self.failures: Counter[str] = Counter()
+
+    def body(self) -> bytes:
+        return b'{"seq":%d,"t":%.6f,"pad":"%b"}' % (self.round, now(), self.pad)
+
+    def batch_requests(self) -> list[bytes]:
+        channels = self.channels
+        if self.target == "megaphone":
+            names = b",".join(b'"%b"' % c.name for c in channels)
+            message = b'{"channels":[%b],"messages":[{"streamId":"s","body":%b}]}'
+            return [write_request(b"/write-batch", message % (names, self.body()))]
+        if self.target == "pushpin":
+            return [
+                write_request(b"/publish/", grip_items([c.name for c in channels], self.body()))
+            ]
+        step = NCHAN_MULTI_PUBLISH
+        return [
+            write_request(
+                b"/mpub/%b" % b",".join(c.name for c in channels[i : i + step]), self.body()
+            )
+            for i in range(0, len(channels), step)
+        ]
+
+    def on_answer(self, status: int, tag: int, body: bytes, rtt: float) -> None:
+        failed = not 200 <= status < 300
+        if not failed and body.startswith(b'{"failures"'):
+            failed = orjson.loads(body)["failures"] != []
+        if failed:
+            note_error(self.failures, status, body)
+
+    def on_lines(self, reader: StreamReader, lines: list[bytes], t: float) -> None:
+        for line in lines:
+            event = orjson.loads(line)
+            body = event["body"] if self.wrapped else event
+            if body["seq"] != self.round or self.got[reader.index]:
+                self.extra += 1
+                continue
+            self.got[reader.index] = 1
+            self.latency.append(t - body["t"])
+            self.last_at = t
+            self.waiting -= 1
+            if not self.waiting and self.done is not None and not self.done.done():
+                self.done.set_result(None)
+
+    async def run(self, mode: str, rounds: int) -> dict[str, Any]:
+        """``rounds`` rounds of ``mode``: time to the last delivery, CPU, latency."""
+        job, host, port = self.job, self.job["host"], write_port(self.job)
+        self.latency = array("d")
+        times: list[float] = []
+        cpu = redis_cpu = 0.0
+        requests = 0
+        timed_out = 0
+        for _ in range(rounds):
+            self.round += 1
+            self.got = bytearray(len(self.channels))
+            self.waiting = len(self.channels)
+            self.done = asyncio.get_running_loop().create_future()
+            if mode == "batch":
+                batch = self.batch_requests()
+                source, conns = one_by_one(iter(batch)), len(batch)
+            else:  # built when sent, so each carries its own send time
+                source = one_by_one(c.write(self.body()) for c in self.channels)
+                conns = 64
+            opened = await connect(host, port, conns, source, self.on_answer)
+            await asyncio.sleep(0.05)
+            start = Sample.take(job)
+            t0 = now()
+            await drive(opened)
+            requests += sum(1 + c.reconnects for c in opened)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.done), job["timeout_s"])
+                times.append(self.last_at - t0)
+            except TimeoutError:
+                timed_out += 1
+            end = Sample.take(job)
+            cpu += end.server_cpu - start.server_cpu
+            if start.redis_cpu is not None and end.redis_cpu is not None:
+                redis_cpu += end.redis_cpu - start.redis_cpu
+            await asyncio.sleep(0.2)
+        events = len(self.channels) * rounds
+        return {
+            "rounds": rounds,
+            "requests_per_round": requests / rounds,
+            "all_delivered_s": statistics.median(times) if times else None,
+            "all_delivered_max_s": max(times) if times else None,
+            "rounds_timed_out": timed_out,
+            "latency": percentiles(self.latency),
+            "server_cpu_s": cpu,
+            "server_cpu_ms_per_1k_events": per_1k(cpu, events),
+            "redis_cpu_ms_per_1k_events": per_1k(redis_cpu, events)
+            if job.get("redis_pids")
+            else None,
+        }
+
+
+async def run_batch(job: dict[str, Any]) -> dict[str, Any]:
+    channels = await make_channels(job, job["channels"])
+    rounds = Rounds(job, channels)
+    refused: Counter[str] = Counter()
+    paths = [c.read_path for c in channels]
+    readers = await open_readers(job["host"], read_port(job), paths, rounds.on_lines, 256, refused)
+    await asyncio.sleep(0.5)
+    first = Sample.take(job)
+    out: dict[str, Any] = {"channels": len(channels)}
+    for mode in ("batch", "single"):
+        out[mode] = await rounds.run(mode, job["rounds"])
+    stats = window(first, Sample.take(job))
+    readers_gone = sum(r.lost or r.ended for r in readers)
+    close_all(readers)
+    return {
+        **out,
+        "loadgen_cpu_pct": stats["loadgen_cpu_pct"],
+        "other_cpu_pct": stats["other_cpu_pct"],
+        "batch_vs_single_cpu": quotient(
+            out["batch"]["server_cpu_ms_per_1k_events"],
+            out["single"]["server_cpu_ms_per_1k_events"],
+        ),
+        "write_error_bodies": dict(rounds.failures),
+        "extra_lines": rounds.extra,
+        "readers_ended_or_lost": readers_gone,
+        "read_refused": dict(refused),
+        "rounds_timed_out": out["batch"]["rounds_timed_out"] + out["single"]["rounds_timed_out"],
+    }
+
+
+def one_by_one(requests: Iterator[bytes]) -> Source:
+    """A source that sends these requests (each once, on whichever connection asks), then ends."""
+
+    def source() -> Request | None:
+        request = next(requests, None)
+        return None if request is None else (request, 0)
+
+    return source
+
+
+def quotient(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# --- workload sweep: what the expiry sweep costs -------------------------------------------
+
+
+async def run_sweep(job: dict[str, Any]) -> dict[str, Any]:
+    """N channels exist (nobody reads them); K of them expire inside the measured window.
+
+    The server runs with a channel TTL of ``ttl_s`` and a short sweep interval. The K channels
+    that expire are created first, then, ``window_s`` later, the N-K that stay: they expire
+    ``window_s`` after the first ones, after the window. The window starts just before the
+    first K expire and lasts ``window_s``. With K = 0 the same steps measure sweeps that find
+    nothing to delete among N channels. The channels disposed in the window are counted by the
+    server (``megaphone_channel_disposed``).
+    """
+    ttl, span, margin = job["ttl_s"], job["window_s"], 0.25
+    expiring, total = job["expiring"], job["channels"]
+    t_a = now()
+    if expiring:
+        await make_channels(job, expiring, connections=64)
+    t_b = now()
+    await asyncio.sleep(max(0.0, t_b + span - now()))
+    await make_channels(job, total - expiring, connections=64)
+    t_c = now()
+    start_at = t_a + ttl - margin
+    late = t_c > start_at - 0.3  # the last creations would overlap the window
+    await asyncio.sleep(max(0.0, start_at - 0.1 - now()))
+    before, _ = await scrape_metrics(job)
+    await asyncio.sleep(max(0.0, start_at - now()))
+    start = Sample.take(job)
+    await asyncio.sleep(span)
+    end = Sample.take(job)
+    after, _ = await scrape_metrics(job)
+    stats = window(start, end)
+    disposed = None
+    if before is not None and after is not None:
+        key = "megaphone_channel_disposed"
+        disposed = after.get(key, 0) - before.get(key, 0)
+    return {
+        **stats,
+        "channels": total,
+        "expiring": expiring,
+        "ttl_s": ttl,
+        "window_s": span,
+        "sweep_interval_s": job.get("sweep_interval_s"),
+        "create_expiring_s": t_b - t_a,
+        "create_all_s": t_c - t_a,
+        "setup_late": late or (t_b - t_a) > span - 2 * margin - (job.get("sweep_interval_s") or 0),
+        "disposed_in_window": disposed,
+        "server_cpu_ms": 1e3 * stats["server_cpu_s"],
+        "redis_cpu_ms": 1e3 * stats["redis_cpu_s"] if "redis_cpu_s" in stats else None,
     }
 
 
@@ -1036,7 +1379,7 @@ class Reconnecting:
             seq = self.seq
             self.seq = seq + 1
             channel = self.channels[seq % self.n]
-            return write_request(channel.write_path, self.body(seq)), seq
+            return channel.write(self.body(seq)), seq
 
         return source
 
@@ -1367,6 +1710,10 @@ WORKLOADS = {
     "create": run_create,
     "resume": run_reconnecting,
     "churn": run_reconnecting,
+    "latency": run_throughput,
+    "scale": run_throughput,
+    "batch": run_batch,
+    "sweep": run_sweep,
 }
 
 

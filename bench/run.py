@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -49,12 +50,29 @@ QUIET_PCT = 15.0  # background load under which the machine counts as quiet enou
 QUIET_WAIT_TOTAL = 60.0  # seconds of such waiting allowed over a whole run
 # megaphone: the memory store; megaphone-redis: one node on the Redis store;
 # megaphone-redis-2n: two nodes on one Redis (writers on node A, readers on node B)
-TARGETS = ("megaphone", "megaphone-redis", "megaphone-redis-2n", "nchan")
+TARGETS = ("megaphone", "megaphone-redis", "megaphone-redis-2n", "nchan", "pushpin")
 REDIS_TARGETS = ("megaphone-redis", "megaphone-redis-2n")
-WORKLOADS = ("throughput", "idle", "create", "resume", "churn")
-NCHAN_WORKLOADS = ("throughput", "idle", "churn")
-# the Redis targets' workloads unless --workloads names others (a full pass stays ~3 min)
-REDIS_DEFAULT_WORKLOADS = ("throughput", "idle", "create")
+WORKLOADS = (
+    "throughput",
+    "latency",
+    "idle",
+    "batch",
+    "create",
+    "scale",
+    "sweep",
+    "resume",
+    "churn",
+)
+# what each target can run (why not: bench/README.md); megaphone's targets run everything
+CAN_RUN = {
+    "nchan": ("throughput", "latency", "idle", "batch", "churn"),
+    "pushpin": ("throughput", "latency", "idle", "batch"),
+}
+# what a target runs when --workloads is not given (a full pass stays ~10 min)
+DEFAULT_WORKLOADS = {
+    "megaphone-redis": ("throughput", "latency", "idle", "batch", "create", "scale", "sweep"),
+    "megaphone-redis-2n": ("throughput", "latency", "idle", "batch", "create"),
+}
 REDIS_SERVER = "/usr/bin/redis-server"
 REDIS_MAPPING = {
     "megaphone-redis": "one megaphone node on the Redis store: creates, writes and reads on it",
@@ -218,17 +236,23 @@ class Deployment:
     read: int = 0  # the readers' node (index into nodes)
     write: int = 0  # the writers' node
     create: int = 0  # where the channels are created
+    publish_port: int | None = None  # pushpin: writes go to its control port
+    helpers: list[Server] = dataclasses.field(default_factory=list)  # pushpin: its origin
+
+    def server_pids(self) -> list[int]:
+        """Every process whose CPU and RSS count as the server's."""
+        return [pid for node in [*self.nodes, *self.helpers] for pid in node.pids]
 
     def job(self) -> dict[str, Any]:
         """The load generator's view: ports by role, and the PIDs whose CPU it samples."""
         job: dict[str, Any] = {
-            "target": self.nodes[0].kind,  # the protocol: megaphone or nchan
+            "target": self.nodes[0].kind,  # the protocol: megaphone, nchan or pushpin
             "target_name": self.target,
             "port": self.nodes[self.read].port,
-            "write_port": self.nodes[self.write].port,
+            "write_port": self.publish_port or self.nodes[self.write].port,
             "create_port": self.nodes[self.create].port,
             "node_ports": [node.port for node in self.nodes],
-            "server_pids": [pid for node in self.nodes for pid in node.pids],
+            "server_pids": self.server_pids(),
         }
         if len(self.nodes) > 1:
             job["node_pids"] = {NODE_NAMES[i]: node.pids for i, node in enumerate(self.nodes)}
@@ -238,9 +262,13 @@ class Deployment:
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "server_pids": [pid for node in self.nodes for pid in node.pids],
+            "server_pids": self.server_pids(),
             "server_nofile": self.nodes[0].nofile,
         }
+        if self.helpers:
+            out["server_processes"] = {
+                pid: command_output(["cat", f"/proc/{pid}/comm"]) for pid in self.server_pids()
+            }
         if len(self.nodes) > 1:
             out["nodes"] = {
                 NODE_NAMES[i]: {
@@ -393,45 +421,44 @@ def nchan_module() -> Path | None:
     return None
 
 
-def ensure_nchan(install: bool) -> str | None:
-    """None when nginx + nchan are usable, else why not (installs them with apt-get if allowed)."""
-    if shutil.which("nginx") and nchan_module():
+def apt_install(packages: Sequence[str], ready: Callable[[], bool], install: bool) -> str | None:
+    """None when ``ready()``, else install ``packages`` with apt-get (if allowed) and check
+    again; the reason when it is still not usable."""
+    if ready():
         return None
+    what = " + ".join(packages)
     if not install:
-        return "nginx/nchan not installed (and --no-install given)"
+        return f"{what} not installed (and --no-install given)"
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "nginx/nchan not installed and cannot apt-get install them (need root + apt-get)"
-    print("installing nginx + libnginx-mod-nchan with apt-get ...", file=sys.stderr)
+        return f"{what} not installed and cannot apt-get install it (need root + apt-get)"
+    print(f"installing {what} with apt-get ...", file=sys.stderr)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (
-        ["apt-get", "update"],
-        ["apt-get", "install", "-y", "nginx", "libnginx-mod-nchan"],
-    ):
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", *packages]):
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             return f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}"
-    if shutil.which("nginx") and nchan_module():
-        return None
-    return "installed nginx + libnginx-mod-nchan but ngx_nchan_module.so was not found"
+    return None if ready() else f"installed {what} but it is still not usable"
+
+
+def ensure_nchan(install: bool) -> str | None:
+    """None when nginx + nchan are usable (installs them with apt-get if allowed), else why not."""
+    return apt_install(
+        ["nginx", "libnginx-mod-nchan"],
+        lambda: bool(shutil.which("nginx") and nchan_module()),
+        install,
+    )
 
 
 def ensure_redis(install: bool) -> str | None:
     """None when redis-server is usable (installs it with apt-get if allowed), else why not."""
-    if Path(REDIS_SERVER).exists():
-        return None
-    if not install:
-        return f"{REDIS_SERVER} not installed (and --no-install given)"
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return f"{REDIS_SERVER} not installed and cannot apt-get install it (need root + apt-get)"
-    print("installing redis-server with apt-get ...", file=sys.stderr)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "redis-server"]):
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if done.returncode != 0:
-            return f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}"
-    if Path(REDIS_SERVER).exists():
-        return None
-    return f"installed redis-server but {REDIS_SERVER} was not found"
+    return apt_install(["redis-server"], lambda: Path(REDIS_SERVER).exists(), install)
+
+
+def ensure_pushpin(install: bool) -> str | None:
+    """None when pushpin (with condure and zurl) is usable, else why not."""
+    return apt_install(
+        ["pushpin"], lambda: all(shutil.which(b) for b in ("pushpin", "condure", "zurl")), install
+    )
 
 
 NGINX_CONF = """\
@@ -457,6 +484,7 @@ http {{
     keepalive_requests 100000000;
     keepalive_timeout 600s;
     client_body_buffer_size 16k;
+    large_client_header_buffers 4 16k;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         # publisher: POST a message; megaphone's POST /write/{{producer}}/{{stream}}
@@ -471,6 +499,14 @@ http {{
             nchan_subscriber http-raw-stream;
             nchan_channel_id $1;
             nchan_subscriber_timeout 0;
+        }}
+        # one publish into up to 255 channels (workload batch): POST /mpub/a,b,c
+        location ~ ^/mpub/([\\w,]+)$ {{
+            nchan_publisher;
+            nchan_channel_id $1;
+            nchan_channel_id_split_delimiter ",";
+            nchan_message_buffer_length 100;
+            nchan_message_timeout 10m;
         }}
         # resumable subscriber (churn): Last-Event-ID / ?last_event_id=, from the buffer
         location ~ ^/ev/(\\w+)$ {{
@@ -518,6 +554,114 @@ def start_nchan(workdir: Path, extra: Sequence[str], started: list[Server]) -> D
     return Deployment("nchan", [server])
 
 
+PUSHPIN_CONF = """\
+[global]
+include={{libdir}}/internal.conf
+rundir={dir}/run
+ipc_prefix=bench-
+port_offset=0
+stats_connection_ttl=120
+
+[runner]
+services=condure,zurl,pushpin-proxy,pushpin-handler
+http_port=127.0.0.1:{port}
+logdir={dir}/log
+log_level=1
+client_buffer_size=8192
+client_maxconn={nofile}
+condure_bin=condure
+zurl_bin=zurl
+
+[proxy]
+routesfile={dir}/routes
+# the runner's own zurl (internal.conf points at a system-wide one)
+zurl_out_specs=ipc://{{rundir}}/{{ipc_prefix}}zurl-in
+zurl_out_stream_specs=ipc://{{rundir}}/{{ipc_prefix}}zurl-in-stream
+zurl_in_specs=ipc://{{rundir}}/{{ipc_prefix}}zurl-out
+debug=false
+auto_cross_origin=false
+sig_iss=pushpin
+sig_key=changeme
+updates_check=off
+
+[handler]
+push_in_spec=tcp://127.0.0.1:{zmq_pull}
+push_in_sub_specs=tcp://127.0.0.1:{zmq_sub}
+push_in_sub_connect=false
+push_in_http_addr=127.0.0.1
+push_in_http_port={publish}
+push_in_http_max_headers_size=10000
+push_in_http_max_body_size=10000000
+stats_spec=ipc://{{rundir}}/{{ipc_prefix}}stats
+command_spec=tcp://127.0.0.1:{command}
+# no rate limit: with one (default 2,500/s) pushpin 1.36's RateLimiter restarts its 25 ms batch
+# timer on every publish, so a stream receiving events less than 25 ms apart gets nothing until
+# the publishes pause; message_hwm: how many may queue per route (default 25,000)
+message_rate=0
+message_hwm=1000000
+message_wait=5000
+id_cache_ttl=60
+connection_subscription_max=20
+subscription_linger=60
+stats_subscription_ttl=60
+stats_report_interval=10
+stats_format=tnetstring
+"""
+PUSHPIN_SERVICES = ("condure", "zurl", "pushpin-proxy", "pushpin-handler")
+
+
+def start_pushpin(workdir: Path, extra: Sequence[str], started: list[Server]) -> Deployment:
+    """pushpin (its runner and the four processes it starts) and the GRIP origin it routes
+    every request to, all on CPU 0, loopback only, config and logs in ``workdir``."""
+    origin_port = free_port()
+    log = workdir / "origin.log"
+    cmd = [*pinned(SERVER_CPU), sys.executable, str(BENCH / "grip_origin.py"), str(origin_port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    origin = Server("origin", "GRIP origin", proc, origin_port, [proc.pid], log, "unknown")
+    started.append(origin)
+    wait_ready(origin)
+
+    port, publish, zmq_pull, zmq_sub, command = (free_port() for _ in range(5))
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    for sub in ("run", "log"):
+        (workdir / sub).mkdir()
+    (workdir / "routes").write_text(f"* 127.0.0.1:{origin_port}\n")
+    conf = workdir / "pushpin.conf"
+    conf.write_text(
+        PUSHPIN_CONF.format(
+            dir=workdir,
+            port=port,
+            publish=publish,
+            zmq_pull=zmq_pull,
+            zmq_sub=zmq_sub,
+            command=command,
+            nofile=max(1024, nofile - 100),
+        )
+    )
+    log = workdir / "pushpin.log"
+    cmd = [*pinned(SERVER_CPU), "pushpin", "--config", str(conf), "--merge-output"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    server = Server("pushpin", "pushpin", proc, port, [proc.pid], log, "unknown")
+    started.append(server)
+    wait_listening(port, proc)
+    wait_listening(publish, proc)
+    children: dict[int, str] = {}
+    deadline = time.monotonic() + 10
+    while len(children) < len(PUSHPIN_SERVICES) and time.monotonic() < deadline:
+        children = {
+            pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in child_pids(proc.pid)
+        }
+        time.sleep(0.05)
+    missing = set(PUSHPIN_SERVICES) - {name[:15] for name in children.values()}
+    if missing:
+        raise RuntimeError(f"pushpin did not start {sorted(missing)} ({children})")
+    server.pids = [proc.pid, *children]
+    server.nofile = nofile_limit(next(p for p, n in children.items() if n == "condure"))
+    return Deployment("pushpin", [server], publish_port=publish, helpers=[origin])
+
+
 def stop(server: Server) -> tuple[list[str], float]:
     """SIGTERM the server's main PID, SIGKILL after 10 s: problems noticed, seconds it took."""
     problems: list[str] = []
@@ -552,6 +696,8 @@ def log_problems(server: Server) -> list[str]:
     if server.kind == "nchan":
         keep = ("[error]", "[crit]", "[alert]", "[emerg]")
         lines = [line for line in lines if any(level in line for level in keep)]
+    if server.kind == "pushpin":  # log_level 1: warnings and errors, plus the runner's notes
+        lines = [line for line in lines if line.startswith(("[ERR]", "[WARN]"))]
     if server.kind == "redis":  # --loglevel warning: all but the routine start and stop lines
         lines = [line for line in lines if not any(r in line for r in REDIS_ROUTINE_LOG)]
     # megaphone runs at --log-level warning: any output at all is worth a look. Lines that differ
@@ -587,13 +733,29 @@ LOG_STAMP = re.compile(r"^(?:ts=(\S+)|\d+:[A-Z] (\d+ \w+ \d+ [\d:.]+))\s*")
 @dataclass
 class Plan:
     duration: float
-    readers: int
-    redis_readers: int  # the idle workload's readers on the Redis targets
+    idle_sizes: tuple[int, ...]  # the idle workload's sizes (readers), one fresh server each
+    redis_readers: int  # the largest idle size the Redis targets run
     create_duration: float
-    phase_duration: float  # each resume phase, and churn
+    phase_duration: float  # each resume phase, churn, each scale size
+    nofile: int = WANTED_NOFILE  # the file descriptor limit the servers and load generator get
     workloads: tuple[str, ...] = WORKLOADS
-    redis_workloads: tuple[str, ...] = REDIS_DEFAULT_WORKLOADS  # what the Redis targets run
+    all_named: bool = False  # --workloads given: every target runs all of them it can
     pad_bytes: int = 160  # the body then weighs ~200 bytes
+    latency_rate: float = 2_000.0  # latency: events/s over the 100 channels, paced
+    batch_channels: int = 1_000
+    batch_rounds: int = 5
+    scale_sizes: tuple[int, ...] = (1_000, 10_000, 100_000)  # channels in all; 100 are read
+    redis_max_channels: int = 10_000  # the Redis targets' scale and sweep sizes stop here
+    # sweep: (channels expiring in the window, channels in all)
+    sweep_phases: tuple[tuple[int, int], ...] = (
+        (0, 10_000),
+        (1_000, 10_000),
+        (0, 100_000),
+        (1_000, 100_000),
+        (10_000, 100_000),
+    )
+    sweep_interval_ms: int = 100
+    sweep_window_s: float = 2.0
     resume_every_events: int = 1_000  # resume: a reader hangs up after this many events
     churn_channels: int = 1_000
     churn_rate: float = 5_000.0  # churn: events/s written over all channels
@@ -601,8 +763,28 @@ class Plan:
     churn_after_s: float = 1.0  # ... or after 0..2t seconds (mean t), whichever comes first
     hangup_linger_s: float = 0.01  # a hanging-up reader drops what arrives for this long
 
+    def runs(self, target: str) -> tuple[str, ...]:
+        """The workloads ``target`` runs in this plan."""
+        can = CAN_RUN.get(target, WORKLOADS)
+        default = DEFAULT_WORKLOADS.get(target, can)
+        return tuple(w for w in self.workloads if w in can and (self.all_named or w in default))
+
+    def too_big(self, target: str, readers: int = 0, channels: int = 0) -> str | None:
+        """Why a phase of that size is not run on ``target`` (None: it is)."""
+        if readers and readers + 500 > self.nofile:
+            return (
+                f"not run: {readers:,} readers need ~{readers + 500:,} file descriptors in the "
+                f"server and in the load generator, RLIMIT_NOFILE is {self.nofile:,} (hard limit)"
+            )
+        if target in REDIS_TARGETS and readers > self.redis_readers:
+            return f"not run on Redis targets: --redis-readers {self.redis_readers:,}"
+        if target in REDIS_TARGETS and channels > self.redis_max_channels:
+            return f"not run on Redis targets: more than {self.redis_max_channels:,} channels"
+        return None
+
     def jobs(self, target: str) -> dict[str, dict[str, Any]]:
-        """Every selected workload's load generator job; ``phases``: one fresh server each."""
+        """Every selected workload's load generator job; ``phases``: one fresh server each (a
+        phase with ``skip`` is not run, the reason is shown instead)."""
         throughput = {
             "channels": 100,
             "writers": 32,
@@ -621,20 +803,74 @@ class Plan:
             "duration_s": self.phase_duration,
             "drain_s": 5.0,
         }
+
+        def sized(job: dict[str, Any], readers: int = 0, channels: int = 0) -> dict[str, Any]:
+            reason = self.too_big(target, readers, channels)
+            return {**job, "skip": reason} if reason else job
+
         jobs: dict[str, dict[str, Any]] = {
             "throughput": throughput,
+            "latency": {**throughput, "write_rate": self.latency_rate},
             "idle": {
-                "readers": self.redis_readers if target in REDIS_TARGETS else self.readers,
-                "connect_concurrency": 256,
-                "settle_s": 1.0,
-                "writers": 64,
+                "phases": {
+                    str(size): sized(
+                        {
+                            "readers": size,
+                            "connect_concurrency": 256,
+                            "settle_s": 1.0,
+                            "writers": 64,
+                            "pad_bytes": self.pad_bytes,
+                            "fanout_timeout_s": 30.0,
+                        },
+                        readers=size,
+                    )
+                    for size in self.idle_sizes
+                }
+            },
+            "batch": {
+                "channels": self.batch_channels,
+                "rounds": self.batch_rounds,
                 "pad_bytes": self.pad_bytes,
-                "fanout_timeout_s": 30.0,
+                "timeout_s": 30.0,
             },
             "create": {
                 "connections": 32,
                 "warmup_s": 0.5,
                 "duration_s": self.create_duration,
+            },
+            "scale": {
+                "phases": {
+                    str(size): sized(
+                        {
+                            **throughput,
+                            "duration_s": self.phase_duration,
+                            "idle_channels": size - throughput["channels"],
+                        },
+                        channels=size,
+                    )
+                    for size in self.scale_sizes
+                }
+            },
+            "sweep": {
+                "phases": {
+                    f"{expiring}/{total}": sized(
+                        {
+                            "channels": total,
+                            "expiring": expiring,
+                            "ttl_s": self.sweep_ttl_s(target, total),
+                            "sweep_interval_s": self.sweep_interval_ms / 1000,
+                            "window_s": self.sweep_window_s,
+                            "server_args": [
+                                "--channel-ttl-millis",
+                                str(round(1000 * self.sweep_ttl_s(target, total))),
+                                "--sweep-interval-millis",
+                                str(self.sweep_interval_ms),
+                            ],
+                        },
+                        channels=total,
+                    )
+                    for expiring, total in self.sweep_phases
+                }
             },
             "resume": {
                 "phases": {
@@ -672,8 +908,14 @@ class Plan:
                 }
             },
         }
-        runs = {"megaphone": WORKLOADS, "nchan": NCHAN_WORKLOADS}.get(target, self.redis_workloads)
-        return {name: job for name, job in jobs.items() if name in self.workloads and name in runs}
+        return {name: jobs[name] for name in self.runs(target)}
+
+    @staticmethod
+    def sweep_ttl_s(target: str, total: int) -> float:
+        """A TTL long enough to create every channel before the first ones expire (creating
+        runs at ~25,000/s on the memory store, ~4,000/s on Redis)."""
+        rate = 2_500 if target in REDIS_TARGETS else 20_000
+        return 5.0 + total / rate
 
 
 def run_loadgen(job: dict[str, Any]) -> dict[str, Any]:
@@ -722,10 +964,14 @@ def run_target(
             out[workload] = run_workload(target, start, workload, params, gate)
             continue
         phases = {
-            phase: run_workload(target, start, workload, phase_params, gate, phase)
+            phase: (
+                {"skipped": phase_params["skip"]}
+                if phase_params.get("skip")
+                else run_workload(target, start, workload, phase_params, gate, phase)
+            )
             for phase, phase_params in params["phases"].items()
         }
-        ratios = resume_ratios(phases) if workload == "resume" else churn_ratios(phases)
+        ratios = PHASE_RATIOS.get(workload, lambda _: {})(phases)
         out[workload] = {"phases": phases, "ratios": ratios}
     return out
 
@@ -836,6 +1082,36 @@ def churn_ratios(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     return {"net_cpu_ms_per_1k_reconnects": float(10 * (cpu - base) / rate * 1000)}
 
 
+def scale_ratios(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """scale: server CPU per event at each size over the smallest size's (flat = 1.00)."""
+    sizes = sorted(phases, key=int)
+    cpu = {size: dig("server_cpu_ms_per_1k_events")(phases[size]) for size in sizes}
+    return {f"cpu_per_event_{size}": quotient(cpu[size], cpu[sizes[0]]) for size in sizes[1:]}
+
+
+def sweep_ratios(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """sweep: server CPU per 1,000 expired channels, net of the phase with as many channels and
+    none expiring (its sweeps, scrapes and idle loop)."""
+    out: dict[str, float | None] = {}
+    for name, result in phases.items():
+        expiring, total = name.split("/")
+        base = phases.get(f"0/{total}", {})
+        cpu, base_cpu = result.get("server_cpu_ms"), base.get("server_cpu_ms")
+        if expiring == "0" or not isinstance(cpu, int | float):
+            continue
+        if isinstance(base_cpu, int | float):
+            out[f"net_cpu_ms_per_1k_expired_{name}"] = 1000 * (cpu - base_cpu) / int(expiring)
+    return out
+
+
+PHASE_RATIOS: dict[str, Callable[[dict[str, dict[str, Any]]], dict[str, float | None]]] = {
+    "resume": lambda phases: resume_ratios(phases),
+    "churn": lambda phases: churn_ratios(phases),
+    "scale": scale_ratios,
+    "sweep": sweep_ratios,
+}
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -904,7 +1180,8 @@ def count_of(key: str) -> Getter:
 RM = "Redis ÷ memory"
 SR = "server + redis-server"
 # (workload, label, getter, better: "up" | "down" | "" (no ratio), decimals)
-ROWS: list[tuple[str, str, Getter, str, int]] = [
+Row = tuple[str, str, Getter, str, int]
+ROWS: list[Row] = [
     ("throughput", "writes acknowledged /s", dig("acked_per_s"), "up", 0),
     ("throughput", "events delivered /s", dig("delivered_per_s"), "up", 0),
     (
@@ -942,46 +1219,6 @@ ROWS: list[tuple[str, str, Getter, str, int]] = [
     ("throughput", f"{RM}: {SR} CPU / event", dig("vs_memory", "cpu_per_event"), "", 2),
     ("throughput", "load generator CPU (% of one core)", dig("loadgen_cpu_pct"), "", 0),
     ("throughput", "other processes CPU (% of one core)", dig("other_cpu_pct"), "", 0),
-    ("idle", "idle streaming readers", dig("readers"), "", 0),
-    ("idle", "server RSS growth per reader (KiB)", dig("rss_per_reader_kib"), "down", 2),
-    (
-        "idle",
-        "redis-server RSS growth per reader (KiB)",
-        dig("redis_rss_per_reader_kib"),
-        "down",
-        2,
-    ),
-    ("idle", "time to open all readers (s)", dig("connect_s"), "down", 2),
-    ("idle", "reads answered 5xx (opened again)", count_of("read_refused"), "", 0),
-    ("idle", "server CPU while idle (% of one core)", dig("idle", "server_cpu_pct"), "", 1),
-    (
-        "idle",
-        "redis-server CPU while idle (% of one core)",
-        dig("idle", "redis_cpu_pct"),
-        "",
-        1,
-    ),
-    ("idle", "fan-out: every reader has its event (s)", dig("fanout_all_delivered_s"), "down", 3),
-    ("idle", "fan-out writes answered non-2xx (written again)", count_of("write_errors"), "", 0),
-    ("idle", "fan-out latency p50 (ms)", dig("fanout_latency", "p50_ms"), "down", 1),
-    ("idle", "fan-out latency p99 (ms)", dig("fanout_latency", "p99_ms"), "down", 1),
-    ("idle", "fan-out server CPU ms / 1,000 events", fanout_per_1k("server_cpu_s"), "down", 1),
-    (
-        "idle",
-        "fan-out redis-server CPU ms / 1,000 events",
-        fanout_per_1k("redis_cpu_s"),
-        "down",
-        1,
-    ),
-    (
-        "idle",
-        f"fan-out {SR} CPU ms / 1,000 events",
-        with_redis(fanout_per_1k("server_cpu_s"), fanout_per_1k("redis_cpu_s")),
-        "down",
-        1,
-    ),
-    ("idle", "fan-out load generator CPU (% of one core)", dig("fanout", "loadgen_cpu_pct"), "", 0),
-    ("idle", "fan-out other processes CPU (% of one core)", dig("fanout", "other_cpu_pct"), "", 0),
     ("create", "channels created /s", dig("created_per_s"), "up", 0),
     ("create", f"{RM}: channels created /s", dig("vs_memory", "created_per_s"), "", 2),
     ("create", "create round trip p50 (ms)", dig("latency", "p50_ms"), "down", 2),
@@ -1015,6 +1252,76 @@ ROWS: list[tuple[str, str, Getter, str, int]] = [
     ("create", "load generator CPU (% of one core)", dig("loadgen_cpu_pct"), "", 0),
     ("create", "other processes CPU (% of one core)", dig("other_cpu_pct"), "", 0),
 ]
+
+
+def in_phase(name: str, get: Getter) -> Getter:
+    """A figure of one phase (None when the phase did not run)."""
+    return lambda result: get(dig("phases", name)(result) or {})
+
+
+def skipped_or(name: str, get: Getter) -> Getter:
+    """A phase's figure, or why that phase was not run."""
+    return lambda result: dig("phases", name, "skipped")(result) or in_phase(name, get)(result)
+
+
+# the idle workload's rows, once per size: (label, getter, better, decimals)
+IDLE_ROWS: list[tuple[str, Getter, str, int]] = [
+    ("server RSS growth per reader (KiB)", dig("rss_per_reader_kib"), "down", 2),
+    (
+        "redis-server RSS growth per reader (KiB)",
+        dig("redis_rss_per_reader_kib"),
+        "down",
+        2,
+    ),
+    ("time to open all readers (s)", dig("connect_s"), "down", 2),
+    ("reads answered 5xx (opened again)", count_of("read_refused"), "", 0),
+    ("server CPU while idle (% of one core)", dig("idle", "server_cpu_pct"), "", 1),
+    (
+        "redis-server CPU while idle (% of one core)",
+        dig("idle", "redis_cpu_pct"),
+        "",
+        1,
+    ),
+    ("fan-out: every reader has its event (s)", dig("fanout_all_delivered_s"), "down", 3),
+    ("fan-out writes answered non-2xx (written again)", count_of("write_errors"), "", 0),
+    ("fan-out latency p50 (ms)", dig("fanout_latency", "p50_ms"), "down", 1),
+    ("fan-out latency p99 (ms)", dig("fanout_latency", "p99_ms"), "down", 1),
+    ("fan-out server CPU ms / 1,000 events", fanout_per_1k("server_cpu_s"), "down", 1),
+    (
+        "fan-out redis-server CPU ms / 1,000 events",
+        fanout_per_1k("redis_cpu_s"),
+        "down",
+        1,
+    ),
+    (
+        f"fan-out {SR} CPU ms / 1,000 events",
+        with_redis(fanout_per_1k("server_cpu_s"), fanout_per_1k("redis_cpu_s")),
+        "down",
+        1,
+    ),
+    ("fan-out load generator CPU (% of one core)", dig("fanout", "loadgen_cpu_pct"), "", 0),
+    ("fan-out other processes CPU (% of one core)", dig("fanout", "other_cpu_pct"), "", 0),
+]
+
+
+def idle_rows(sizes: Sequence[int]) -> list[Row]:
+    rows: list[Row] = []
+    for size in sizes:
+        name = str(size)
+        rows.append(
+            (
+                "idle",
+                f"{size:,} readers: idle streaming readers",
+                skipped_or(name, dig("readers")),
+                "",
+                0,
+            )
+        )
+        rows += [
+            ("idle", f"{size:,} readers: {label}", in_phase(name, get), better, decimals)
+            for label, get, better, decimals in IDLE_ROWS
+        ]
+    return rows
 
 
 def phase(name: str, *keys: str) -> Getter:
@@ -1297,6 +1604,190 @@ ROWS += [
     ),
 ]
 
+# latency: the throughput rows, after the rate asked and how well the writers kept to it
+LATENCY_ROWS: list[Row] = [
+    ("latency", "write rate asked (events/s, paced, 100 channels)", dig("write_rate"), "", 0),
+    ("latency", "writes sent > 1 ms behind schedule", dig("writes_late"), "", 0),
+    *(("latency", *row[1:]) for row in ROWS if row[0] == "throughput"),
+]
+
+
+def batch_rows() -> list[Row]:
+    rows: list[Row] = [("batch", "channels, one streaming reader each", dig("channels"), "", 0)]
+    for mode, what in (("batch", "one write to all"), ("single", "1,000 single writes")):
+        rows += [
+            ("batch", f"{what}: requests per round", dig(mode, "requests_per_round"), "", 0),
+            (
+                "batch",
+                f"{what}: every reader has the event (s, median of rounds)",
+                dig(mode, "all_delivered_s"),
+                "down",
+                3,
+            ),
+            ("batch", f"{what}: slowest round (s)", dig(mode, "all_delivered_max_s"), "down", 3),
+            ("batch", f"{what}: latency p50 (ms)", dig(mode, "latency", "p50_ms"), "down", 1),
+            ("batch", f"{what}: latency p99 (ms)", dig(mode, "latency", "p99_ms"), "down", 1),
+            (
+                "batch",
+                f"{what}: server CPU ms / 1,000 events",
+                dig(mode, "server_cpu_ms_per_1k_events"),
+                "down",
+                1,
+            ),
+            (
+                "batch",
+                f"{what}: redis-server CPU ms / 1,000 events",
+                dig(mode, "redis_cpu_ms_per_1k_events"),
+                "down",
+                1,
+            ),
+        ]
+    return [
+        *rows,
+        (
+            "batch",
+            "one write ÷ single writes: server CPU / event",
+            dig("batch_vs_single_cpu"),
+            "",
+            2,
+        ),
+        (
+            "batch",
+            "writes answered non-2xx or with failures",
+            count_of("write_error_bodies"),
+            "",
+            0,
+        ),
+        ("batch", "rounds not complete after 30 s", dig("rounds_timed_out"), "", 0),
+        ("batch", LOADGEN_ROW, dig("loadgen_cpu_pct"), "", 0),
+        ("batch", "other processes CPU (% of one core)", dig("other_cpu_pct"), "", 0),
+    ]
+
+
+def scale_rows(sizes: Sequence[int]) -> list[Row]:
+    rows: list[Row] = []
+    for size in sizes:
+        name, what = str(size), f"{size:,} channels"
+        rows += [
+            (
+                "scale",
+                f"{what}: events delivered /s",
+                skipped_or(name, dig("delivered_per_s")),
+                "up",
+                0,
+            ),
+            (
+                "scale",
+                f"{what}: server CPU ms / 1,000 events",
+                in_phase(name, dig("server_cpu_ms_per_1k_events")),
+                "down",
+                1,
+            ),
+            (
+                "scale",
+                f"{what}: {SR} CPU ms / 1,000 events",
+                in_phase(
+                    name,
+                    with_redis(
+                        dig("server_cpu_ms_per_1k_events"), dig("redis_cpu_ms_per_1k_events")
+                    ),
+                ),
+                "down",
+                1,
+            ),
+            (
+                "scale",
+                f"{what}: publish→deliver p99 (ms)",
+                in_phase(name, dig("latency", "p99_ms")),
+                "down",
+                2,
+            ),
+            (
+                "scale",
+                f"{what}: server RSS (MiB)",
+                in_phase(name, lambda r: (r.get("server_rss_kib") or 0) / 1024 or None),
+                "down",
+                0,
+            ),
+        ]
+    rows += [
+        (
+            "scale",
+            f"{size:,} ÷ {sizes[0]:,} channels: server CPU / event (flat = 1.00)",
+            dig("ratios", f"cpu_per_event_{size}"),
+            "",
+            2,
+        )
+        for size in sizes[1:]
+    ]
+    rows += [
+        (
+            "scale",
+            "events lost (acked, never delivered), all sizes",
+            total(*(in_phase(str(n), dig("lost")) for n in sizes)),
+            "",
+            0,
+        ),
+        ("scale", "other processes CPU, max of sizes (% of one core)", max_other, "", 0),
+    ]
+    return rows
+
+
+def sweep_rows(phases: Sequence[tuple[int, int]]) -> list[Row]:
+    rows: list[Row] = []
+    for expiring, count in phases:
+        name, what = f"{expiring}/{count}", f"{expiring:,} of {count:,} expire"
+        rows += [
+            ("sweep", f"{what}: channel TTL (s)", skipped_or(name, dig("ttl_s")), "", 1),
+            (
+                "sweep",
+                f"{what}: disposed in the window (server count)",
+                in_phase(name, dig("disposed_in_window")),
+                "",
+                0,
+            ),
+            (
+                "sweep",
+                f"{what}: server CPU in the window (ms)",
+                in_phase(name, dig("server_cpu_ms")),
+                "down",
+                0,
+            ),
+            (
+                "sweep",
+                f"{what}: redis-server CPU in the window (ms)",
+                in_phase(name, dig("redis_cpu_ms")),
+                "down",
+                0,
+            ),
+        ]
+        if expiring:
+            rows.append(
+                (
+                    "sweep",
+                    f"{what}: server CPU ms / 1,000 expired, net of 0 of {count:,}",
+                    dig("ratios", f"net_cpu_ms_per_1k_expired_{name}"),
+                    "down",
+                    1,
+                )
+            )
+    rows.append(("sweep", "other processes CPU, max of phases (% of one core)", max_other, "", 0))
+    return rows
+
+
+def all_rows(plan: Plan) -> list[Row]:
+    """Every row of the table, in the order of WORKLOADS."""
+    rows = [
+        *ROWS,
+        *LATENCY_ROWS,
+        *idle_rows(plan.idle_sizes),
+        *batch_rows(),
+        *scale_rows(plan.scale_sizes),
+        *sweep_rows(plan.sweep_phases),
+    ]
+    return sorted(rows, key=lambda row: WORKLOADS.index(row[0]))
+
+
 LOADGEN_ROW = "load generator CPU (% of one core)"  # rows ending so get the harness-bound flag
 NOISE_ROW = "(% of one core)"  # rows with "other processes CPU" and ending so get the noisy flag
 
@@ -1312,18 +1803,21 @@ def fmt(value: Any, decimals: int) -> str:
 # (column title, target, the target it is divided by)
 RATIO_COLUMNS = (
     ("megaphone ÷ nchan", "megaphone", "nchan"),
+    ("megaphone ÷ pushpin", "megaphone", "pushpin"),
     ("redis ÷ memory", "megaphone-redis", "megaphone"),
     ("redis-2n ÷ memory", "megaphone-redis-2n", "megaphone"),
 )
 
 
-def table(results: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> str:
+def table(
+    results: dict[str, dict[str, dict[str, Any]]], targets: list[str], rows: list[Row]
+) -> str:
     ratios = [(title, a, b) for title, a, b in RATIO_COLUMNS if a in targets and b in targets]
     header = ["workload", "metric", *targets, *(title for title, _, _ in ratios)]
     if ratios:
         header.append("better")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for workload, label, get, better, decimals in ROWS:
+    for workload, label, get, better, decimals in rows:
         values: dict[str, Any] = {}
         for target in targets:
             result = results.get(target, {}).get(workload)
@@ -1342,30 +1836,13 @@ def table(results: dict[str, dict[str, dict[str, Any]]], targets: list[str]) -> 
         for _, mine_target, base_target in ratios:
             mine, base = values.get(mine_target), values.get(base_target)
             ratio = "—"
-            comparable = label not in SCALE_DEPENDENT or same_scale(
-                results, workload, mine_target, base_target
-            )
             if better and isinstance(mine, int | float) and isinstance(base, int | float) and base:
-                ratio = f"{mine / base:.2f}x" if comparable else "— (other N)"
+                ratio = f"{mine / base:.2f}x"
             cells.append(ratio)
         if ratios:
             cells.append({"up": "higher", "down": "lower"}.get(better, ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-# idle rows that grow with the number of readers: no ratio between runs with different numbers
-SCALE_DEPENDENT = {
-    "time to open all readers (s)",
-    "fan-out: every reader has its event (s)",
-    "fan-out latency p50 (ms)",
-    "fan-out latency p99 (ms)",
-}
-
-
-def same_scale(results: dict[str, dict[str, dict[str, Any]]], workload: str, *targets: str) -> bool:
-    counts = {dig(workload, "readers")(results.get(target, {})) for target in targets}
-    return len(counts) == 1
 
 
 def add_vs_memory(passes: dict[str, list[dict[str, dict[str, Any]]]]) -> None:
@@ -1487,7 +1964,19 @@ def result_anomalies(where: str, workload: str, r: dict[str, Any]) -> Iterator[s
             "received again"
         )
     metrics = r.get("server_metrics") or {}
-    if workload in ("throughput", "resume", "churn") and metrics:
+    if r.get("rounds_timed_out"):
+        yield f"{where}: {r['rounds_timed_out']} rounds not delivered to every reader in 30 s"
+    if r.get("setup_late"):
+        yield (
+            f"{where}: creating the channels took too long for the TTL (expiring ones "
+            f"{r.get('create_expiring_s', 0):.2f} s, all {r.get('create_all_s', 0):.2f} s of "
+            f"{r.get('ttl_s')} s): the window may miss expiries or include creations"
+        )
+    disposed = r.get("disposed_in_window")
+    if workload == "sweep" and disposed is not None and disposed != r.get("expiring"):
+        yield f"{where}: {disposed:.0f} channels disposed in the window, not {r.get('expiring')}"
+    # scale: the server also counted the idle channels' writes
+    if workload in ("throughput", "latency", "resume", "churn") and metrics:
         received = metrics.get("megaphone_messages_received")
         read = metrics.get("megaphone_messages_read")
         acked, delivered = r.get("total_acked"), r.get("total_delivered")
@@ -1503,16 +1992,38 @@ def result_anomalies(where: str, workload: str, r: dict[str, Any]) -> Iterator[s
 # --- main -----------------------------------------------------------------------------------
 
 
+def sizes_arg(text: str) -> tuple[int, ...]:
+    sizes = tuple(sorted({int(x.replace("_", "")) for x in text.split(",") if x.strip()}))
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("comma-separated positive numbers")
+    return sizes
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short run: 3 s, 1,000 idle readers")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short run: 3 s, 2 s phases, 1,000 idle readers, scale/sweep to 10,000 channels",
+    )
     parser.add_argument("--duration", type=float, default=None, help="throughput seconds (10)")
-    parser.add_argument("--readers", type=int, default=None, help="idle readers (10,000)")
+    parser.add_argument(
+        "--readers",
+        type=sizes_arg,
+        default=None,
+        help="idle workload sizes, comma-separated (1000,10000,50000; quick: 1000)",
+    )
     parser.add_argument(
         "--redis-readers",
         type=int,
         default=1_000,
-        help="idle readers on the Redis targets (1,000: each idle reader polls Redis every second)",
+        help="largest idle size on the Redis targets (1,000: each idle reader polls Redis)",
+    )
+    parser.add_argument(
+        "--channels",
+        type=sizes_arg,
+        default=None,
+        help="scale workload sizes, channels in all (1000,10000,100000; quick: 1000,10000)",
     )
     parser.add_argument(
         "--targets", default=",".join(TARGETS), help=f"comma-separated, from {','.join(TARGETS)}"
@@ -1545,8 +2056,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         default=None,
-        help=f"comma-separated, from {','.join(WORKLOADS)} (all; the Redis targets: "
-        f"{','.join(REDIS_DEFAULT_WORKLOADS)} unless named here)",
+        help=f"comma-separated, from {','.join(WORKLOADS)} (all that each target can run; "
+        "megaphone-redis-2n: not scale, sweep, resume, churn, megaphone-redis: not resume, "
+        "churn, unless named here)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
@@ -1573,23 +2085,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
+    nofile = raise_nofile()
+    quick = args.quick
     plan = Plan(
         duration=duration,
-        readers=args.readers if args.readers is not None else (1_000 if args.quick else 10_000),
+        idle_sizes=args.readers or ((1_000,) if quick else (1_000, 10_000, 50_000)),
         redis_readers=args.redis_readers,
-        create_duration=min(duration, 2.0 if args.quick else 5.0),
-        phase_duration=min(duration, 2.0 if args.quick else 5.0),
+        create_duration=min(duration, 2.0 if quick else 5.0),
+        phase_duration=min(duration, 2.0 if quick else 5.0),
+        nofile=nofile[0],
         workloads=tuple(w for w in WORKLOADS if w in args.workloads),
-        redis_workloads=WORKLOADS if args.workloads_named else REDIS_DEFAULT_WORKLOADS,
+        all_named=args.workloads_named,
+        batch_rounds=3 if quick else 5,
+        scale_sizes=args.channels or ((1_000, 10_000) if quick else (1_000, 10_000, 100_000)),
     )
-    nofile = raise_nofile()
+    if quick:
+        plan.sweep_phases = tuple(p for p in plan.sweep_phases if p[1] <= 10_000)
     if not pinned(0):
         print("warning: no CPU pinning (needs taskset and 2+ CPUs)", file=sys.stderr)
-    if nofile[0] < plan.readers + 1_000:
-        print(
-            f"warning: RLIMIT_NOFILE is {nofile[0]}, low for {plan.readers} readers",
-            file=sys.stderr,
-        )
+    for size in plan.idle_sizes:
+        reason = plan.too_big("megaphone", readers=size)
+        if reason:
+            print(f"warning: idle workload, {size:,} readers {reason}", file=sys.stderr)
 
     background = machine_busy_pct()
     if background > 10:
@@ -1616,12 +2133,18 @@ def main(argv: list[str] | None = None) -> int:
             for target in wants_redis:
                 skipped[target] = reason
             print(f"skipping {', '.join(wants_redis)}: {reason}", file=sys.stderr)
+    if "pushpin" in args.targets and "pushpin" not in skipped:
+        reason = ensure_pushpin(install=not args.no_install)
+        if reason:
+            skipped["pushpin"] = reason
+            print(f"skipping pushpin: {reason}", file=sys.stderr)
     ran = [t for t in TARGETS if t in args.targets and t not in skipped]
     starters: dict[str, Starter] = {
         "megaphone": start_megaphone,
         "megaphone-redis": redis_starter(1),
         "megaphone-redis-2n": redis_starter(2),
         "nchan": start_nchan,
+        "pushpin": start_pushpin,
     }
     passes: dict[str, list[dict[str, dict[str, Any]]]] = {t: [] for t in ran}
     gate = QuietGate(args.quiet_wait, total=QUIET_WAIT_TOTAL, retries=args.retry_noisy)
@@ -1652,6 +2175,7 @@ def main(argv: list[str] | None = None) -> int:
             if "nchan" in ran
             else None
         ),
+        "pushpin": command_output(["pushpin", "--version"]) if "pushpin" in ran else None,
         "redis_server": (
             command_output([REDIS_SERVER, "--version"])
             if any(t in REDIS_TARGETS for t in ran)
@@ -1682,14 +2206,15 @@ def main(argv: list[str] | None = None) -> int:
     redis_note = ""
     if any(t in REDIS_TARGETS for t in ran):
         redis_note = (
-            f"Redis targets: {','.join(w for w in plan.workloads if w in plan.redis_workloads)}, "
-            f"{plan.redis_readers:,} idle readers, {env['redis_server'].split(' sha=')[0]} · "
+            f"Redis targets: at most {plan.redis_readers:,} idle readers and "
+            f"{plan.redis_max_channels:,} channels, {env['redis_server'].split(' sha=')[0]} · "
         )
     print(
         f"\n{report['started']} · nproc {env['nproc']} · {env['cpu_model']} · "
         f"server on CPU {env['server_cpu']}, load generator on CPU {env['loadgen_cpu']} · "
         f"workloads {','.join(plan.workloads)} · throughput {plan.duration:g} s · "
-        f"{plan.readers:,} idle readers · resume phases and churn {plan.phase_duration:g} s · "
+        f"idle readers {','.join(f'{n:,}' for n in plan.idle_sizes)} · "
+        f"scale/resume/churn phases {plan.phase_duration:g} s · "
         f"{redis_note}"
         f"{'median of ' + str(args.repeat) + ' passes · ' if args.repeat > 1 else ''}"
         f"run took {elapsed:.0f} s · megaphone {env['megaphone_source']} · "
@@ -1700,7 +2225,7 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: megaphone's source changed during the run (at the start: "
             f"{source_at_start}); the servers started later ran the newer code\n"
         )
-    print(table(results, ran))
+    print(table(results, ran, all_rows(plan)))
     for target, reason in skipped.items():
         print(f"\n{target} skipped: {reason}")
     if found:
