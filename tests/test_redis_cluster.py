@@ -587,6 +587,29 @@ async def test_redis_outage_under_load_is_survived(
     assert set(load.acked) <= set(read), "acknowledged writes lost"
 
 
+async def test_a_hung_redis_is_a_503_not_a_hang(
+    private_node: NodeFactory, private_redis: RedisServer
+) -> None:
+    """A Redis that stops answering (SIGSTOP) without closing its connections: a request gets
+    503 STORE_UNAVAILABLE after ``redis_timeout_millis``, and the node serves again by itself
+    once Redis answers again."""
+    node = await private_node(redis_timeout_millis=300)
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:
+        channel = await create_channel(http)
+        path = f"/write/{channel['producerAddress']}/s"
+        assert (await http.post(path, json="before")).status_code == 201
+        private_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            reply = await http.post(path, json="hung")
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["code"] == "STORE_UNAVAILABLE"
+            assert (await http.get("/readyz")).status_code == 503
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+        await until_served(lambda: http.post(path, json="after"), 201)
+        assert (await http.get("/readyz")).status_code == 200
+
+
 async def test_recovered_node_has_no_stale_connections(
     private_node: NodeFactory, private_redis: RedisServer
 ) -> None:

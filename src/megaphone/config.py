@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     redis_lease_margin_millis: int = Field(default=5_000, ge=0)
     redis_poll_millis: int = Field(default=5_000, gt=0)
     redis_max_connections: int = Field(default=256, gt=0)
+    redis_timeout_millis: int = Field(default=5_000, gt=0)
     webhooks: dict[str, Webhook] = Field(default_factory=dict)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

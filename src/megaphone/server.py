@@ -36,6 +36,7 @@ def build_store(settings: Settings, metrics: Metrics) -> ChannelStore:
             lease=(settings.poll_duration_millis + settings.redis_lease_margin_millis) / 1000,
             poll=settings.redis_poll_millis / 1000,
             max_connections=settings.redis_max_connections,
+            timeout=settings.redis_timeout_millis / 1000,
         )
     return MemoryStore(
         metrics=metrics,

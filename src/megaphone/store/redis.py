@@ -243,6 +243,7 @@ class RedisStore(ChannelStore):
         lease: float = 25.0,
         poll: float = 5.0,
         max_connections: int = 256,
+        timeout: float = 5.0,
     ) -> None:
         self.metrics = metrics
         self.prefix = prefix
@@ -251,6 +252,7 @@ class RedisStore(ChannelStore):
         self.ttl_ms = int(ttl * 1000)
         self.lease_ms = int(lease * 1000)
         self.poll = poll
+        self.timeout = timeout  # one call or one pipeline: a hung Redis is a 503, not a hang
         # keys outlive their lifetime by a margin, so a channel is only ever removed by a sweep
         # (which fires the webhook) unless no node is left to sweep
         self.safety_ms = self.ttl_ms * 2 + self.lease_ms + 60_000
@@ -262,7 +264,10 @@ class RedisStore(ChannelStore):
             url,
             max_connections=max_connections,
             timeout=5,
-            socket_timeout=5,
+            # no per-reply timer (redis-py arms one per reply, a pipeline's included): the store
+            # bounds each call or pipeline as a whole with ``timeout`` instead
+            socket_timeout=None,
+            socket_keepalive=True,
             socket_connect_timeout=2,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
@@ -280,6 +285,7 @@ class RedisStore(ChannelStore):
                 "delete": DELETE,
             },
             self._spawn,
+            timeout,
         )
         self._expiry = prefix + "expiry"
         self._count = prefix + "count"
@@ -297,8 +303,9 @@ class RedisStore(ChannelStore):
     async def _call(self, what: Awaitable[T]) -> T:
         """Run one Redis call, translating its failures once into ``StoreUnavailable``."""
         try:
-            return await what
-        except (RedisError, OSError) as exc:
+            async with asyncio.timeout(self.timeout):
+                return await what
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -552,8 +559,10 @@ class RedisStore(ChannelStore):
                 if not self._pubsub.subscribed:
                     await asyncio.sleep(0.05)
                     continue
+                # blocks until a message (a dead connection raises; the unsubscribe of the
+                # node's last reader answers too, so an idle listener goes back to sleeping)
                 message = await self._pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=1.0
+                    ignore_subscribe_messages=True, timeout=None
                 )
                 delay = 0.05
             except (RedisError, OSError, RuntimeError) as exc:
@@ -612,8 +621,10 @@ class _Pipeliner:
         redis: aioredis.Redis,
         sources: dict[str, str],
         spawn: Callable[[Awaitable[None]], asyncio.Future[None]],
+        timeout: float,
     ) -> None:
         self.redis = redis
+        self.timeout = timeout
         self.sources = sources
         self.shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in sources.items()}
         self.spawn = spawn
@@ -655,7 +666,7 @@ class _Pipeliner:
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         pipe: Pipeline
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with asyncio.timeout(self.timeout), self.redis.pipeline(transaction=False) as pipe:
             for name, keys, args, _ in batch:
                 pipe.evalsha(self.shas[name], len(keys), *keys, *args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
