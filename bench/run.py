@@ -1,16 +1,17 @@
-"""Megaphone benchmark, with nchan (nginx, C) as the baseline, in one command.
+"""Megaphone benchmark, with nchan (nginx, C) and pushpin (GRIP proxy) as baselines, in one command.
 
-    .venv/bin/python bench/run.py [--quick] [--duration 10]
-        [--targets megaphone,megaphone-redis,megaphone-redis-2n,nchan]
-        [--workloads throughput,idle,create,resume,churn] [--repeat 3]
+    python3 bench/run.py [--quick] [--duration 10]
+        [--targets megaphone,megaphone-redis,megaphone-redis-2n,nchan,pushpin]
+        [--workloads throughput,latency,idle,batch,create,scale,sweep,resume,churn] [--repeat 3]
 
 Targets: megaphone on its memory store; megaphone on the Redis store, one node
 (``megaphone-redis``) and two nodes on one Redis (``megaphone-redis-2n``: writes on node A, reads
-on node B); nchan. For every target and workload (and every phase of the resume and churn
-workloads) fresh servers are started pinned to CPU 0 (``taskset``; the Redis targets' own
-redis-server too), the load generator (``bench/loadgen.py``) runs pinned to CPU 1, the servers are
-stopped by PID. The results are printed as a markdown table and written to
-``bench/results/latest.json``. See bench/README.md.
+on node B); nchan; pushpin with a minimal GRIP origin (``bench/grip_origin.py``). For every target
+and workload (and every phase of the phased workloads) fresh servers are started pinned to CPU 0
+(``taskset``; the Redis targets' own redis-server and pushpin's processes and origin too), the
+load generator (``bench/loadgen.py``) runs pinned to CPU 1, the servers are stopped by PID. The
+results are printed as a markdown table and written to ``bench/results/latest.json``. See
+bench/README.md.
 """
 
 from __future__ import annotations
