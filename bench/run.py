@@ -774,10 +774,7 @@ class Plan:
     def too_big(self, target: str, readers: int = 0, channels: int = 0) -> str | None:
         """Why a phase of that size is not run on ``target`` (None: it is)."""
         if readers and readers + 500 > self.nofile:
-            return (
-                f"not run: {readers:,} readers need ~{readers + 500:,} file descriptors in the "
-                f"server and in the load generator, RLIMIT_NOFILE is {self.nofile:,} (hard limit)"
-            )
+            return f"not run: needs ~{readers + 500:,} fds per side, RLIMIT_NOFILE {self.nofile:,}"
         if target in REDIS_TARGETS and readers > self.redis_readers:
             return f"not run on Redis targets: --redis-readers {self.redis_readers:,}"
         if target in REDIS_TARGETS and channels > self.redis_max_channels:
