@@ -86,8 +86,9 @@ async def wait_lines(sink: Sink, count: int) -> None:
 async def test_concurrent_calls_beyond_the_pool_queue_instead_of_failing(
     redis_server: RedisServer,
 ) -> None:
-    """With one pooled connection, 200 concurrent writes to 20 channels all succeed: calls queue
-    for a connection (and share pipelines) instead of failing with MaxConnectionsError."""
+    """With one pooled connection, 200 concurrent writes to 20 channels and 100 concurrent
+    existence checks all succeed: calls queue for a connection (and the scripts share pipelines)
+    instead of failing with MaxConnectionsError."""
     store = RedisStore(
         url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:", max_connections=1
     )
@@ -96,10 +97,11 @@ async def test_concurrent_calls_beyond_the_pool_queue_instead_of_failing(
         keys = [new_consumer_address("a") for _ in range(20)]
         for address, key in keys:
             await store.create(key, address, 100)
-        await asyncio.gather(
-            *(store.write(key, make_event("s", n), 1.0) for n in range(10) for _, key in keys)
-        )
+        writes = (store.write(key, make_event("s", n), 1.0) for n in range(10) for _, key in keys)
+        checks = (store.exists(key) for _ in range(5) for _, key in keys)
+        found = await asyncio.gather(*writes, *checks)
         assert store.metrics.messages_received == 200
+        assert found[200:] == [True] * 100
     finally:
         await store.aclose()
 

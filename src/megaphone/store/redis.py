@@ -306,7 +306,7 @@ class RedisStore(ChannelStore):
             async with asyncio.timeout(self.timeout):
                 return await what
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
-            raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+            raise _unavailable(exc) from exc
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._scripts.call(name, keys, args)
@@ -631,9 +631,10 @@ class _Pipeliner:
         self.pending: list[_Call] = []
 
     def call(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         self.pending.append((name, keys, args, future))
         return future
 
@@ -658,7 +659,7 @@ class _Pipeliner:
             if future.done():  # the caller was cancelled; the script ran all the same
                 continue
             if isinstance(reply, Exception):
-                error = StoreUnavailable(f"redis unavailable: {type(reply).__name__}")
+                error = _unavailable(reply)
                 error.__cause__ = reply
                 future.set_exception(error)
             else:
@@ -756,6 +757,11 @@ class _RedisSubscription:
                         continue  # there may be more already
                 # the take armed the channel's notification: the next write wakes us
             await self.wake.wait()
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    """The one translation of a Redis failure (a call's or a pipelined script's)."""
+    return StoreUnavailable(f"redis unavailable: {type(exc).__name__}")
 
 
 def _text(value: Any) -> str:
