@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from megaphone.core.addressing import new_consumer_address
 from megaphone.core.events import make_event
@@ -174,3 +175,22 @@ async def _closed(subscription: Any) -> None:
     released = subscription.close()
     if released is not None:
         await released
+
+
+async def test_concurrent_first_subscriptions_share_one_connection(
+    redis_server: RedisServer,
+) -> None:
+    """The notification connection opens lazily; 50 subscriptions made at once by a node that
+    has no connection yet open exactly one. (Each of its own would be a connection nobody reads:
+    its readers would wait for the safety tick, as the two-node fan-out benchmark showed.)"""
+    store = RedisStore(url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:")
+    probe = aioredis.Redis.from_url(redis_server.url)
+    await store.start()
+    try:
+        before = len(await probe.client_list(_type="pubsub"))
+        names = [f"{store.prefix}n{n}" for n in range(50)]
+        await asyncio.gather(*(store._notifications(store._pubsub.subscribe, n) for n in names))
+        assert len(await probe.client_list(_type="pubsub")) == before + 1
+    finally:
+        await store.aclose()
+        await probe.aclose()

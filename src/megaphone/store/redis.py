@@ -291,6 +291,7 @@ class RedisStore(ChannelStore):
         self._count = prefix + "count"
         self._agents = prefix + "agents"
         self._pubsub = _PubSub(self.redis.connection_pool, on_connect=self._wake_all)
+        self._subscribing = asyncio.Lock()
         self._readers: dict[str, _RedisSubscription] = {}
         self._releasing: dict[str, asyncio.Future[None]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -307,6 +308,13 @@ class RedisStore(ChannelStore):
                 return await what
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             raise _unavailable(exc) from exc
+
+    async def _notifications(self, change: Callable[[str], Awaitable[Any]], channel: str) -> None:
+        """Subscribe or unsubscribe, one at a time: redis-py's PubSub connects lazily, and
+        concurrent first calls would each take a connection of their own, the listener reading
+        only the last (the others' notifications never read, their connections never returned)."""
+        async with self._subscribing:
+            await self._call(change(channel))
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._scripts.call(name, keys, args)
@@ -432,7 +440,7 @@ class RedisStore(ChannelStore):
         self._readers[ids.notify] = subscription
         try:
             with contextlib.suppress(StoreUnavailable):  # the reader polls until notified again
-                await self._call(self._pubsub.subscribe(ids.notify))
+                await self._notifications(self._pubsub.subscribe, ids.notify)
             if self._listener is None:
                 await self.start()
         except asyncio.CancelledError:
@@ -455,7 +463,7 @@ class RedisStore(ChannelStore):
         if self._readers.get(ids.notify) is not None and self._readers[ids.notify].token == token:
             del self._readers[ids.notify]
         with contextlib.suppress(StoreUnavailable):
-            await self._call(self._pubsub.unsubscribe(ids.notify))
+            await self._notifications(self._pubsub.unsubscribe, ids.notify)
         # a lease left behind answers 409 until it lapses: worth a few tries through a blip
         for attempt in range(RELEASE_TRIES):
             now = _now_ms()
