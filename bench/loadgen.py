@@ -443,8 +443,9 @@ async def open_readers(
 ) -> list[StreamReader]:
     """Open one reader per path (at most ``concurrency`` opening at once); wait for every head.
 
-    A read answered 5xx (the server could not serve it now) is opened again after 10 ms; each
-    such answer is counted in ``refused`` ("status body"), which the result reports."""
+    A read answered 5xx (the server could not serve it now), or closed before its head, is
+    opened again after 10 ms; each such answer is counted in ``refused`` ("status body", status 0
+    for a close), which the result reports."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     readers: list[StreamReader] = []
@@ -454,16 +455,21 @@ async def open_readers(
             for _ in range(OPEN_ATTEMPTS):
                 reader = StreamReader(index, path, on_lines)
                 await loop.create_connection(lambda: reader, host, port)  # noqa: B023
-                status = await asyncio.wait_for(reader.ready, 30)
+                try:
+                    status = await asyncio.wait_for(reader.ready, 30)
+                except ConnectionError:
+                    if refused is None:
+                        raise
+                    status = 0  # closed before its head (pushpin under a burst): open again
                 if status == 200:
                     readers.append(reader)
                     return
                 reader.closing = True
                 if reader.transport is not None:
                     reader.transport.abort()
-                if status < 500 or refused is None:
+                if 0 < status < 500 or refused is None:
                     break
-                note_error(refused, status, reader.error_body)
+                note_error(refused, status, reader.error_body if status else b"closed before head")
                 await asyncio.sleep(0.01)
             raise ConnectionError(f"read {path!r} answered {status}")
 
