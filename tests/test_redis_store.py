@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from megaphone.core.addressing import new_consumer_address
 from megaphone.core.events import make_event
+from megaphone.errors import StoreUnavailable
 from megaphone.metrics import Metrics
 from megaphone.store.redis import RedisStore, _Keys
 from support import RedisServer
@@ -194,3 +195,34 @@ async def test_concurrent_first_subscriptions_share_one_connection(
     finally:
         await store.aclose()
         await probe.aclose()
+
+
+async def test_a_sweep_that_fails_on_some_channels_reports_the_others(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Due channels are expired together; one whose script fails stays indexed and is expired by
+    the next sweep, the others are reported now (their webhook must not wait for it)."""
+    store = RedisStore(
+        url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:", ttl=0.01
+    )
+    await store.start()
+    try:
+        (good, good_key), (bad, bad_key) = new_consumer_address("a"), new_consumer_address("a")
+        for address, key in ((good, good_key), (bad, bad_key)):
+            await store.create(key, address, 100)
+        await asyncio.sleep(0.05)
+        real = store._script
+        failing = _Keys(store.prefix, bad_key).meta
+
+        async def flaky(name: str, keys: list[str], args: list[Any]) -> Any:
+            if name == "expire" and keys[0] == failing:
+                raise StoreUnavailable("redis unavailable: test")
+            return await real(name, keys, args)
+
+        monkeypatch.setattr(store, "_script", flaky)
+        assert await store.expire() == [good]
+        monkeypatch.undo()
+        assert await store.expire() == [bad]
+        assert await store.count() == 0
+    finally:
+        await store.aclose()

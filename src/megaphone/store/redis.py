@@ -502,25 +502,35 @@ class RedisStore(ChannelStore):
     async def expire(self) -> list[str]:
         now = _now_ms()
         due = await self._call(self.redis.zrangebyscore(self._expiry, "-inf", now, 0, 1000))
-        expired: list[str] = []
-        for raw in due:
-            channel_id = _text(raw)
-            base = f"{self.prefix}{{{channel_id}}}"
-            reply = await self._script(
-                "expire", [base + ":m", base + ":p", base + ":w"], [now, self.ttl_ms]
-            )
-            code = int(reply[0])
-            if code == 0:  # already gone (deleted, or its keys lapsed): keep the counts exact
-                await self._forget(channel_id)
-            elif code == 1:
-                await self._call(self.redis.zadd(self._expiry, {channel_id: int(reply[1])}))
-            else:
-                await self._forget(channel_id)
-                self.metrics.channel_disposed += 1
-                self.metrics.messages_lost += int(reply[3])
-                self.metrics.channel_duration.observe((now - int(reply[2])) / 1000)
-                expired.append(_text(reply[1]))
+        # all at once: their scripts share pipelines, so a sweep costs round trips per batch
+        results = await asyncio.gather(
+            *(self._expire_one(_text(raw), now) for raw in due), return_exceptions=True
+        )
+        expired = [result for result in results if isinstance(result, str)]
+        failed = [result for result in results if isinstance(result, BaseException)]
+        if failed and not expired:
+            raise failed[0]
+        if failed:  # still in the index: the next sweep tries them again
+            log.warning("expiry sweep incomplete", extra={"failed": len(failed)})
         return expired
+
+    async def _expire_one(self, channel_id: str, now: int) -> str | None:
+        """Delete one due channel if its lifetime is over; its consumer address if so."""
+        base = f"{self.prefix}{{{channel_id}}}"
+        reply = await self._script(
+            "expire", [base + ":m", base + ":p", base + ":w"], [now, self.ttl_ms]
+        )
+        code = int(reply[0])
+        if code == 1:  # not due after all (read since, or being read): check again later
+            await self._call(self.redis.zadd(self._expiry, {channel_id: int(reply[1])}))
+            return None
+        await self._forget(channel_id)  # deleted, or already gone: keep the counts exact
+        if code == 0:
+            return None
+        self.metrics.channel_disposed += 1
+        self.metrics.messages_lost += int(reply[3])
+        self.metrics.channel_duration.observe((now - int(reply[2])) / 1000)
+        return _text(reply[1])
 
     async def list(self, skip: int, limit: int) -> list[ChannelInfo]:
         ids = await self._call(self.redis.zrange(self._expiry, skip, skip + limit - 1))
