@@ -696,6 +696,36 @@ async def test_idle_keep_alive_connection_is_closed(server_factory: ServerFactor
     await assert_serves(node)
 
 
+async def test_activity_keeps_a_connection_past_its_first_timeouts(
+    server_factory: ServerFactory,
+) -> None:
+    """The deadline moves with each request: the timer armed at connect fires, finds it moved,
+    and waits again instead of closing."""
+    node = await server_factory(keepalive_timeout_millis=500, request_timeout_millis=500)
+    conn = await Conn.open(node)
+    for _ in range(12):  # ~1.2 s of requests 100 ms apart: well past both timeouts
+        await conn.send(request("GET", "/healthz"))
+        assert (await conn.response()).status == 200
+        await asyncio.sleep(0.1)
+    await conn.assert_closed()  # then idle: closed once the keep-alive timeout passes
+    await assert_serves(node)
+
+
+async def test_request_timeout_shorter_than_keep_alive_still_fires(
+    server_factory: ServerFactory,
+) -> None:
+    """A request begun while the keep-alive timer (60 s) is pending gets its own, sooner check."""
+    node = await server_factory(keepalive_timeout_millis=60_000, request_timeout_millis=300)
+    conn = await Conn.open(node)
+    await conn.send(request("GET", "/healthz"))
+    assert (await conn.response()).status == 200
+    await asyncio.sleep(0.4)  # the timer armed at connect has fired and moved to 60 s
+    await conn.send(b"POST /create HTTP/1.1\r\nHost: test\r\n")  # and never finish it
+    assert_error(await conn.response(), 408, "REQUEST_TIMEOUT")
+    await conn.assert_closed()
+    await assert_serves(node)
+
+
 async def test_keep_alive_timer_does_not_cut_a_long_read(server_factory: ServerFactory) -> None:
     node = await server_factory(
         keepalive_timeout_millis=100, request_timeout_millis=100, poll_duration_millis=1000

@@ -31,19 +31,57 @@ def _alphanumerics(length: int, source: Any) -> str:
     return out[:length].decode("ascii")
 
 
-def secure_alphanumerics(length: int) -> str:
-    """Random alphanumerics from the OS CSPRNG (capabilities: consumer addresses)."""
-    return _alphanumerics(length, os.urandom)
+class _Pool:
+    """Alphanumerics drawn from ``source`` a few KiB at a time and handed out in slices: one
+    random call and one translation per ~170 identifiers, not per identifier."""
+
+    __slots__ = ("_buffer", "_position", "_source")
+
+    SIZE = 4096
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self.reset()
+
+    def reset(self) -> None:
+        self._buffer = ""
+        self._position = 0
+
+    def take(self, length: int) -> str:
+        start = self._position
+        end = start + length
+        if end > len(self._buffer):
+            self._buffer = _alphanumerics(max(self.SIZE, length), self._source)
+            start, end = 0, length
+        self._position = end
+        return self._buffer[start:end]
 
 
 # a generator of our own: code that seeds the global ``random`` (tests, libraries) must not make
 # two events share an id
 _ids = random.Random(os.urandom(16))
+_secure = _Pool(os.urandom)
+_event_ids = _Pool(_ids.randbytes)
+
+
+def _after_fork() -> None:
+    # a forked child must not hand out the parent's buffered values again
+    _ids.seed(os.urandom(16))
+    _secure.reset()
+    _event_ids.reset()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def secure_alphanumerics(length: int) -> str:
+    """Random alphanumerics from the OS CSPRNG (capabilities: consumer addresses)."""
+    return _secure.take(length)
 
 
 def new_event_id() -> str:
     """23 random alphanumerics, as the original (an identifier, not a secret)."""
-    return _alphanumerics(EVENT_ID_LENGTH, _ids.randbytes)
+    return _event_ids.take(EVENT_ID_LENGTH)
 
 
 class _Clock:

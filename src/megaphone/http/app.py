@@ -55,6 +55,7 @@ class ReadRequest:
 
 Reply = tuple[int, bytes, bytes, bytes]  # status, body, content type, extra headers
 Result = Reply | ReadRequest
+WRITTEN: Reply = (201, OK, JSON, b"")  # an accepted write: the hot path's answer
 Handler = Callable[[Request, list[str]], Coroutine[Any, Any, Result]]
 
 
@@ -103,6 +104,8 @@ def parse_model(model: type[M], body: bytes) -> M:
 
 def decode_segment(raw: str) -> str:
     """Percent-decode one path segment; it must be valid UTF-8."""
+    if "%" not in raw and raw.isascii():
+        return raw  # nothing to decode (addresses and most stream ids)
     try:
         return unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
@@ -243,7 +246,7 @@ class Api:
         stream_id = decode_segment(stream)
         body = parse_json(request.body)
         await self.broker.write(decode_segment(producer), stream_id, body)
-        return 201, OK, JSON, b""
+        return WRITTEN
 
     async def write_batch(self, request: Request, params: list[str]) -> Result:
         batch = parse_model(WriteBatchBody, request.body)

@@ -30,17 +30,19 @@ from megaphone.errors import (
     UriTooLong,
 )
 from megaphone.http import wire
-from megaphone.http.app import Api, ReadRequest, Request, Result
+from megaphone.http.app import WRITTEN, Api, ReadRequest, Request, Result
 from megaphone.store.base import ResumeStatus, Subscription
 
 if TYPE_CHECKING:
     from megaphone.core.broker import Broker
 
 log = logging.getLogger("megaphone.http")
+WRITTEN_RESPONSE = wire.response(WRITTEN[0], WRITTEN[1], content_type=WRITTEN[2], extra=WRITTEN[3])
 
 MAX_PIPELINE = 32
 HEAD_SLACK = 64  # request line and blank line framing, on top of the target and header limits
 LINGER_SECONDS = 5.0  # the most we keep draining a client after refusing its request
+TIMER_SLACK = 0.002  # a timer may fire this much before its time (the loop's clock ticks in ms)
 
 
 class HttpLimits:
@@ -187,6 +189,38 @@ class NdjsonStream:
 
 
 class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_abort_timer",
+        "_body",
+        "_body_size",
+        "_continue_pending",
+        "_fatal_error",
+        "_head_received",
+        "_header_bytes",
+        "_in_head",
+        "_parse_error",
+        "_stall_timer",
+        "_timer_at",
+        "_url",
+        "_url_bytes",
+        "busy",
+        "close_when_idle",
+        "closed",
+        "deadline",
+        "limits",
+        "loop",
+        "parser",
+        "queue",
+        "reading_paused",
+        "request",
+        "state",
+        "stream",
+        "task",
+        "timer",
+        "transport",
+        "write_paused",
+    )
+
     def __init__(self, state: HttpServerState) -> None:
         self.state = state
         self.limits = state.limits
@@ -212,7 +246,12 @@ class HttpProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.closed = False
         self.close_when_idle = False
+        # the request or keep-alive timeout: a deadline (0: none), checked by a timer that is
+        # moved only when it must fire sooner, so a request costs no timer of its own
+        self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when ``timer`` fires
+        self._abort_timer: asyncio.TimerHandle | None = None  # after close: abort if not flushed
         self._stall_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
 
     # --- transport events -------------------------------------------------------------------
@@ -225,10 +264,11 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.state.remove(self)
-        self._disarm()
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
+        for timer in (self.timer, self._abort_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self._abort_timer = self._stall_timer = None
+        self.deadline = 0.0
         # the parser holds us as its callbacks: break the cycle so that a closed connection is
         # freed by reference counting, not left to the cyclic GC (whose pauses show under churn)
         del self.parser
@@ -399,7 +439,7 @@ class HttpProtocol(asyncio.Protocol):
             else:  # a request is arriving; it may have begun while we were busy
                 if self._continue_pending:
                     self._send_continue()
-                if self.timer is None:
+                if not self.deadline:
                     self._arm(self.limits.request_timeout)
 
     def _handle(self, request: Request) -> None:
@@ -444,8 +484,11 @@ class HttpProtocol(asyncio.Protocol):
         if isinstance(result, ReadRequest):
             self._start_read(request, result)
             return
-        status, body, content_type, extra = result
         keep_alive = self._keep_alive(request)
+        if result is WRITTEN and keep_alive and not request.http10 and not request.cors:
+            self.write(WRITTEN_RESPONSE)  # the hot path's answer, framed once
+            return
+        status, body, content_type, extra = result
         self.write(
             wire.response(
                 status,
@@ -574,10 +617,10 @@ class HttpProtocol(asyncio.Protocol):
                 self.reading_paused = False
                 transport.resume_reading()
             linger = min(self.limits.request_timeout, LINGER_SECONDS)
-            self.timer = self.loop.call_later(linger, transport.abort)
+            self._abort_timer = self.loop.call_later(linger, transport.abort)
             return
         transport.close()
-        self.timer = self.loop.call_later(self.limits.request_timeout, transport.abort)
+        self._abort_timer = self.loop.call_later(self.limits.request_timeout, transport.abort)
 
     def shutdown(self) -> None:
         """Server shutdown: end a read cleanly, close once idle."""
@@ -589,14 +632,28 @@ class HttpProtocol(asyncio.Protocol):
             self.close_when_idle = True
 
     def _arm(self, delay: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(delay, self._on_timeout)
+        deadline = self.loop.time() + delay
+        self.deadline = deadline
+        if self.timer is None or self._timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self._timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self._check_deadline)
 
     def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0  # a timer still scheduled finds nothing due
+
+    def _check_deadline(self) -> None:
+        self.timer = None
+        deadline = self.deadline
+        if not deadline:
+            return
+        if self.loop.time() + TIMER_SLACK < deadline:  # the deadline moved on since
+            self._timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self._check_deadline)
+            return
+        self.deadline = 0.0
+        self._on_timeout()
 
     def _write_stalled(self) -> None:
         self._stall_timer = None
@@ -605,7 +662,6 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def _on_timeout(self) -> None:
-        self.timer = None
         if self.busy or self.closed:
             return
         if self.request is not None:
