@@ -8,6 +8,9 @@ import httpx
 import pytest
 
 from conftest import ServerFactory, base_url, create_channel
+from megaphone.errors import MethodNotAllowed
+from megaphone.http.app import ROUTE_CACHE_SIZE, Request
+from megaphone.server import MegaphoneServer
 
 
 async def test_channel_limit(server_factory: ServerFactory) -> None:
@@ -77,6 +80,30 @@ async def test_producer_token(server_factory: ServerFactory) -> None:
         assert len(read.content.splitlines()) == 2
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/readyz")).status_code == 200
+        # a path already routed (the route is remembered) still needs the token every time
+        for _ in range(3):
+            assert (await http.post(f"/write/{producer}/s", json=3)).status_code == 401
+            assert (
+                await http.post(f"/write/{producer}/s", json=3, headers=auth)
+            ).status_code == 201
+            assert (await http.post("/create")).status_code == 401
+
+
+def test_remembered_routes_stay_bounded(server: MegaphoneServer) -> None:
+    """Each path is routed once and remembered; many distinct paths do not grow that memory
+    without bound, and what is remembered answers as routing again would."""
+    api = server.http.api
+    for n in range(ROUTE_CACHE_SIZE * 2 + 10):
+        request = Request()
+        request.method, request.path = b"GET", b"/read/agent.%d.1" % n
+        handler, params = api.route(request)
+        assert handler == api.read
+        assert params == [f"agent.{n}.1"]
+        assert len(api._routed) <= ROUTE_CACHE_SIZE
+    request = Request()
+    request.method, request.path = b"POST", b"/read/agent.0.1"
+    with pytest.raises(MethodNotAllowed):
+        api.route(request)  # the same path with another method is routed on its own
 
 
 async def test_cors_preflight_and_headers(server: object, client: httpx.AsyncClient) -> None:

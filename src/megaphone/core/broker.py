@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from megaphone.config import Settings
@@ -79,10 +79,22 @@ class Broker:
             "protocols": chosen,
         }
 
-    async def write(self, producer: str, stream_id: str, body: Any) -> None:
+    def write_now(
+        self, producer: str, stream_id: str, body: Any
+    ) -> Coroutine[Any, Any, None] | None:
+        """Write one event: None when it is already accepted (a channel with room on a store that
+        needs no I/O, the hot path, no coroutine at all), else the write still to await."""
         self.check_stream_id(stream_id)
         key = self.registry.addresses.producer(producer)
-        await self.store.write(key, make_event(stream_id, body), self.write_timeout)
+        event = make_event(stream_id, body)
+        if self.store.write_now(key, event):
+            return None
+        return self.store.write(key, event, self.write_timeout)
+
+    async def write(self, producer: str, stream_id: str, body: Any) -> None:
+        pending = self.write_now(producer, stream_id, body)
+        if pending is not None:
+            await pending
 
     async def write_batch(
         self, channels: Sequence[str], messages: Sequence[tuple[str, Any]]

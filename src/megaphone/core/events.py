@@ -94,12 +94,12 @@ class _Clock:
         self._prefix = ""
 
     def now(self) -> str:
-        t = time.time()
-        second = int(t)
+        t = time.time_ns()
+        second = t // 1_000_000_000
         if second != self._second:
             self._second = second
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._prefix}.{int((t - second) * 1_000_000):06d}Z"
+        return "%s.%06dZ" % (self._prefix, t // 1000 % 1_000_000)  # noqa: UP031 - the fastest
 
 
 _clock = _Clock()

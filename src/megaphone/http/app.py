@@ -25,6 +25,7 @@ M = TypeVar("M", bound=BaseModel)
 JSON = b"application/json"
 OK = orjson.dumps({"status": "OK"})
 MAX_CURSOR_LENGTH = 256
+ROUTE_CACHE_SIZE = 4_096
 CORS_METHODS = b"GET, POST, OPTIONS"
 CORS_HEADERS = b"authorization, content-type, last-event-id"
 
@@ -56,7 +57,9 @@ class ReadRequest:
 Reply = tuple[int, bytes, bytes, bytes]  # status, body, content type, extra headers
 Result = Reply | ReadRequest
 WRITTEN: Reply = (201, OK, JSON, b"")  # an accepted write: the hot path's answer
-Handler = Callable[[Request, list[str]], Coroutine[Any, Any, Result]]
+# a handler is a coroutine function, or (the hot path) a function that answers at once with a
+# Reply or hands back the coroutine that will
+Handler = Callable[[Request, list[str]], Coroutine[Any, Any, Result] | Reply]
 
 
 # --- request bodies ---------------------------------------------------------------------------
@@ -206,10 +209,27 @@ class Api:
             "healthz": ({b"GET": self.healthz}, 0, False),
             "readyz": ({b"GET": self.readyz}, 0, False),
         }
+        # (method, path) → what _route found: most requests repeat a recent path
+        self._routed: dict[tuple[bytes, bytes], tuple[Handler, list[str], bool]] = {}
 
     def route(self, request: Request) -> tuple[Handler, list[str]]:
         """The handler and raw path parameters; 404 for an unknown path, 405 for a wrong method,
         401 for a producer endpoint without the configured bearer token."""
+        known = self._routed.get((request.method, request.path))
+        if known is not None:  # a producer writing again, a reader reconnecting
+            handler, params, protected = known
+            if protected and self.token is not None:
+                check_bearer(request, self.token)
+            return handler, params
+        handler, params, protected = self._route(request)
+        if protected and self.token is not None:
+            check_bearer(request, self.token)
+        if len(self._routed) >= ROUTE_CACHE_SIZE:
+            self._routed.clear()
+        self._routed[(request.method, request.path)] = (handler, params, protected)
+        return handler, params
+
+    def _route(self, request: Request) -> tuple[Handler, list[str], bool]:
         path = request.path.decode("latin-1")
         if not path.startswith("/"):
             raise NotFound("no such endpoint")
@@ -224,14 +244,12 @@ class Api:
         handler = methods.get(request.method)
         if handler is None:
             if request.method == b"OPTIONS":
-                return self.options, params
+                return self.options, params, False
             raise MethodNotAllowed(
                 f"{request.method.decode('latin-1')} is not allowed here",
                 allow=", ".join(m.decode() for m in [*methods, b"OPTIONS"]),
             )
-        if protected and self.token is not None:
-            check_bearer(request, self.token)
-        return handler, params
+        return handler, params, protected
 
     async def options(self, request: Request, params: list[str]) -> Result:
         return self.cors.preflight(request)
@@ -241,11 +259,15 @@ class Api:
         created = await self.broker.create(body.protocols)
         return 200, orjson.dumps(created), JSON, b""
 
-    async def write(self, request: Request, params: list[str]) -> Result:
+    def write(self, request: Request, params: list[str]) -> Coroutine[Any, Any, Result] | Reply:
         producer, stream = params
         stream_id = decode_segment(stream)
         body = parse_json(request.body)
-        await self.broker.write(decode_segment(producer), stream_id, body)
+        pending = self.broker.write_now(decode_segment(producer), stream_id, body)
+        return WRITTEN if pending is None else self._written(pending)
+
+    async def _written(self, pending: Coroutine[Any, Any, None]) -> Result:
+        await pending
         return WRITTEN
 
     async def write_batch(self, request: Request, params: list[str]) -> Result:

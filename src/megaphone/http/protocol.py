@@ -356,13 +356,16 @@ class HttpProtocol(asyncio.Protocol):
             self._raise(UriTooLong(f"request target longer than {self.limits.max_url} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.limits.max_headers:
+        size = self._header_bytes + len(name) + len(value) + 4
+        self._header_bytes = size
+        if size > self.limits.max_headers:
             self._raise(HeadersTooLarge(f"headers larger than {self.limits.max_headers} bytes"))
-        assert self.request is not None
-        headers = self.request.headers
+        headers = self.request.headers  # type: ignore[union-attr] # set in on_message_begin
         key = name.lower()
-        headers[key] = headers[key] + b", " + value if key in headers else value
+        if key in headers:
+            headers[key] += b", " + value
+        else:
+            headers[key] = value
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -447,7 +450,11 @@ class HttpProtocol(asyncio.Protocol):
         request.cors = api.cors.headers(request)
         try:
             handler, params = api.route(request)
-            outcome = self.state.start(handler(request, params))
+            answer = handler(request, params)
+            if isinstance(answer, tuple):  # answered at once (an accepted write)
+                self._finish(request, answer)
+                return
+            outcome = self.state.start(answer)
         except MegaphoneError as exc:
             self._send_error(request, exc)
             return

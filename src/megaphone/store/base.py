@@ -89,6 +89,11 @@ class ChannelStore(abc.ABC):
     async def write(self, key: ChannelKey, event: Event, wait: float) -> None:
         """Append ``event``; wait up to ``wait`` seconds for room. NotFound / WriteTimeout."""
 
+    def write_now(self, key: ChannelKey, event: Event) -> bool:
+        """Append ``event`` if that takes no waiting and no I/O; False when the caller must use
+        :meth:`write` instead (no room now, or a store that has to ask a server). NotFound."""
+        return False
+
     @abc.abstractmethod
     async def attach(self, key: ChannelKey, sink: ReadSink, after: str | None) -> Subscription:
         """Make ``sink`` the channel's only reader and settle the cursor ``after``: the events

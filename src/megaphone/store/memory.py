@@ -229,13 +229,17 @@ class MemoryStore(ChannelStore):
             raise NotFound("channel not found")
         return channel
 
-    async def write(self, key: ChannelKey, event: Event, wait: float) -> None:
+    def write_now(self, key: ChannelKey, event: Event) -> bool:
         channel = self._channels.get(key)
         if channel is None:
             self.metrics.messages_unroutable += 1
             raise NotFound("channel not found")
-        if channel.offer(event):
+        return channel.offer(event)
+
+    async def write(self, key: ChannelKey, event: Event, wait: float) -> None:
+        if self.write_now(key, event):
             return
+        channel = self._channels[key]
         if wait <= 0:
             raise WriteTimeout(f"channel buffer full ({channel.capacity} events)")
         loop = asyncio.get_running_loop()
