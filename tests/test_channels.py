@@ -143,6 +143,48 @@ async def test_read_window_ends_cleanly(server_factory: ServerFactory) -> None:
         assert again.content == b""
 
 
+async def test_each_read_ends_after_its_own_window(server_factory: ServerFactory) -> None:
+    """Windows share one FIFO and one timer: a read begun later ends later, each on its own."""
+    node = await server_factory(poll_duration_millis=600)
+    ended: list[str] = []
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        first, second = await create_channel(http), await create_channel(http)
+
+        async def read(name: str, channel: dict[str, str]) -> None:
+            started = time.monotonic()
+            reply = await http.get(f"/read/{channel['consumerAddress']}", timeout=10)
+            assert reply.status_code == 200
+            assert time.monotonic() - started >= 0.55  # not cut by the other read's window
+            ended.append(name)
+
+        one = asyncio.create_task(read("first", first))
+        await asyncio.sleep(0.3)
+        await read("second", second)
+        await one
+    assert ended == ["first", "second"]
+
+
+async def test_a_reader_gone_early_leaves_nothing_in_the_windows(
+    server_factory: ServerFactory,
+) -> None:
+    """A read whose client leaves keeps no part of its connection alive until its window ends."""
+    node = await server_factory(poll_duration_millis=60_000)
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        channel = await create_channel(http)
+        async with http.stream("GET", f"/read/{channel['consumerAddress']}") as reply:
+            assert reply.status_code == 200
+        for _ in range(250):  # until the server has seen the reader go
+            if all(c.stream is None for c in node.http.connections):
+                break
+            await asyncio.sleep(0.02)
+        entries = list(node.http.windows._entries)
+        assert entries  # its entry waits for the deadline
+        assert all(stream is None for _, stream in entries)
+        # and the channel can be read again at once
+        again = await http.post(f"/write/{channel['producerAddress']}/s", json=1)
+        assert again.status_code == 201
+
+
 async def test_unread_channel_expires(server_factory: ServerFactory) -> None:
     node = await server_factory(channel_ttl_millis=300, sweep_interval_millis=100)
     async with httpx.AsyncClient(base_url=base_url(node)) as http:

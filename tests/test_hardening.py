@@ -90,20 +90,24 @@ async def test_producer_token(server_factory: ServerFactory) -> None:
 
 
 def test_remembered_routes_stay_bounded(server: MegaphoneServer) -> None:
-    """Each path is routed once and remembered; many distinct paths do not grow that memory
-    without bound, and what is remembered answers as routing again would."""
+    """Each write path is routed once and remembered; many distinct paths do not grow that
+    memory without bound, and what is remembered answers as routing again would."""
     api = server.http.api
     for n in range(ROUTE_CACHE_SIZE * 2 + 10):
         request = Request()
-        request.method, request.path = b"GET", b"/read/agent.%d.1" % n
-        handler, params = api.route(request)
-        assert handler == api.read
-        assert params == [f"agent.{n}.1"]
+        request.method, request.path = b"POST", b"/write/agent.%d/s" % n
+        for _ in range(2):  # routed, then remembered
+            handler, params = api.route(request)
+            assert handler == api.write
+            assert params == [f"agent.{n}", "s"]
         assert len(api._routed) <= ROUTE_CACHE_SIZE
     request = Request()
-    request.method, request.path = b"POST", b"/read/agent.0.1"
+    request.method, request.path = b"GET", b"/write/agent.0/s"
     with pytest.raises(MethodNotAllowed):
         api.route(request)  # the same path with another method is routed on its own
+    request.method, request.path = b"GET", b"/read/agent.x.1"
+    assert api.route(request) == (api.read, ["agent.x.1"])
+    assert (b"GET", b"/read/agent.x.1") not in api._routed  # reads are not remembered
 
 
 async def test_cors_preflight_and_headers(server: object, client: httpx.AsyncClient) -> None:

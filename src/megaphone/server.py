@@ -120,6 +120,7 @@ class MegaphoneServer:
         for connection in list(self.http.connections):
             if connection.transport is not None:
                 connection.transport.abort()
+        self.http.windows.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with suppress(asyncio.CancelledError):

@@ -209,7 +209,7 @@ class Api:
             "healthz": ({b"GET": self.healthz}, 0, False),
             "readyz": ({b"GET": self.readyz}, 0, False),
         }
-        # (method, path) → what _route found: most requests repeat a recent path
+        # (method, path) of a write → what _route found: a producer writes the same path again
         self._routed: dict[tuple[bytes, bytes], tuple[Handler, list[str], bool]] = {}
 
     def route(self, request: Request) -> tuple[Handler, list[str]]:
@@ -224,9 +224,10 @@ class Api:
         handler, params, protected = self._route(request)
         if protected and self.token is not None:
             check_bearer(request, self.token)
-        if len(self._routed) >= ROUTE_CACHE_SIZE:
-            self._routed.clear()
-        self._routed[(request.method, request.path)] = (handler, params, protected)
+        if handler == self.write:  # reads come once per window: not worth their memory
+            if len(self._routed) >= ROUTE_CACHE_SIZE:
+                self._routed.clear()
+            self._routed[(request.method, request.path)] = (handler, params, protected)
         return handler, params
 
     def _route(self, request: Request) -> tuple[Handler, list[str], bool]:

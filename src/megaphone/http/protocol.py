@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import httptools
 
@@ -76,6 +76,7 @@ class HttpServerState:
         # inline when the store never needs a task to make progress (memory); else a task
         self.start = eager.start if broker.store.runs_inline else eager.in_task
         self._all_closed: asyncio.Event | None = None
+        self.windows = ReadWindows(broker.poll_duration)
 
     def remove(self, connection: HttpProtocol) -> None:
         self.connections.discard(connection)
@@ -95,6 +96,52 @@ class HttpServerState:
         return True
 
 
+class ReadWindows:
+    """Ends each read when its window is over. Every read on a server gets the same window, so
+    deadlines arrive in order: a FIFO and one timer for the oldest entry, instead of a timer per
+    read (which an idle reader would hold for the whole window).
+
+    An entry is a ``[deadline, stream]`` list; a read that ends early clears its stream from the
+    entry, so the entry left in the FIFO until its deadline keeps nothing else alive.
+    """
+
+    __slots__ = ("_entries", "_loop", "_timer", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._entries: deque[list[Any]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, stream: NdjsonStream) -> list[Any]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        entry: list[Any] = [loop.time() + self.window, stream]
+        self._entries.append(entry)
+        if self._timer is None:
+            self._timer = loop.call_at(entry[0], self._expire)
+        return entry
+
+    def _expire(self) -> None:
+        self._timer = None
+        assert self._loop is not None
+        now = self._loop.time() + TIMER_SLACK
+        entries = self._entries
+        while entries and entries[0][0] <= now:
+            stream = entries.popleft()[1]
+            if stream is not None:
+                stream.finish()
+        if entries:
+            self._timer = self._loop.call_at(entries[0][0], self._expire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._entries.clear()
+
+
 class NdjsonStream:
     """A read in progress: the channel pushes whole events, we frame them as chunks."""
 
@@ -106,7 +153,7 @@ class NdjsonStream:
         "keep_alive",
         "protocol",
         "subscription",
-        "timer",
+        "window",
     )
 
     def __init__(
@@ -119,7 +166,7 @@ class NdjsonStream:
         self.done = False
         self._started = False
         self.subscription: Subscription | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.window: list[Any] | None = None  # our entry in ReadWindows
 
     @property
     def writable(self) -> bool:
@@ -140,14 +187,14 @@ class NdjsonStream:
         data = lines[0] if len(lines) == 1 else b"".join(lines)
         self.protocol.write(wire.chunk(data) if self.chunked else data)
 
-    def attached(self, subscription: Subscription, window: float) -> None:
+    def attached(self, subscription: Subscription, windows: ReadWindows) -> None:
         self.subscription = subscription
         if self.done:  # the channel went away while we attached
             subscription.close()
             return
         if not self._started:
             self._start()
-        self.timer = asyncio.get_running_loop().call_later(window, self.finish)
+        self.window = windows.add(self)
         subscription.start()  # replayed events, then pending ones, then live
 
     def end(self) -> None:
@@ -179,9 +226,9 @@ class NdjsonStream:
 
     def _stop(self) -> asyncio.Future[None] | None:
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.window is not None:
+            self.window[1] = None  # the entry waits for its deadline holding nothing
+            self.window = None
         subscription, self.subscription = self.subscription, None  # no cycle left for the GC
         if subscription is not None:
             return subscription.close()
@@ -231,14 +278,14 @@ class HttpProtocol(asyncio.Protocol):
         self._url: list[bytes] = []
         self._url_bytes = 0
         self._header_bytes = 0
-        self._body: list[bytes] = []
+        self._body: list[bytes] | None = None
         self._body_size = 0
         self._parse_error: MegaphoneError | None = None
         self._in_head = False  # between a request's first byte and the end of its headers
         self._head_received = 0  # bytes received while a head was incomplete
         self._continue_pending = False  # a 100 Continue owed once the requests before are done
         self._fatal_error: MegaphoneError | None = None  # answered once the queue is done
-        self.queue: deque[Request] = deque()
+        self.queue: list[Request] = []  # pipelined requests, at most MAX_PIPELINE
         self.busy = False
         self.task: asyncio.Task[object] | None = None
         self.stream: NdjsonStream | None = None
@@ -341,7 +388,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = []
         self._url_bytes = 0
         self._header_bytes = 0
-        self._body = []
+        self._body = None
         self._body_size = 0
         self._in_head = True
         self._head_received = 0
@@ -375,11 +422,12 @@ class HttpProtocol(asyncio.Protocol):
         request.http10 = self.parser.get_http_version() == "1.0"
         request.keep_alive = self.parser.should_keep_alive()
         try:
-            url = httptools.parse_url(b"".join(self._url))
+            url = httptools.parse_url(self._url[0] if len(self._url) == 1 else b"".join(self._url))
         except httptools.HttpParserInvalidURLError:
             self._raise(BadRequest("malformed request target"))
         request.path = url.path or b""
         request.query = url.query or b""
+        self._url.clear()  # not kept for the life of a read
         length = request.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body:
             self._raise(PayloadTooLarge(f"request body larger than {self.limits.max_body} bytes"))
@@ -397,13 +445,18 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size += len(body)
         if self._body_size > self.limits.max_body:
             self._raise(PayloadTooLarge(f"request body larger than {self.limits.max_body} bytes"))
-        self._body.append(body)
+        if self._body is None:
+            self._body = [body]
+        else:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
         request = self.request
         assert request is not None
-        request.body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
-        self._body = []
+        parts = self._body
+        if parts is not None:
+            request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._body = None
         self.request = None
         self._continue_pending = False  # the body came anyway
         self.queue.append(request)
@@ -421,7 +474,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _process_queue(self) -> None:
         while self.queue and not self.busy and not self.write_paused and not self.closed:
-            self._handle(self.queue.popleft())
+            self._handle(self.queue.pop(0))
         if self.busy or self.closed:
             return
         if (
@@ -557,13 +610,16 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = True
         self.stream = stream
         self._disarm()
+        if self.timer is not None:  # a read can last long: do not hold a timer meanwhile
+            self.timer.cancel()
+            self.timer = None
         try:
             outcome = self.state.start(self.state.broker.attach(read.consumer, stream, read.after))
         except Exception as exc:
             self._read_failed(request, stream, exc)
             return
         if isinstance(outcome, eager.Done):
-            stream.attached(outcome.value, self.state.broker.poll_duration)
+            stream.attached(outcome.value, self.state.windows)
             return
         self.task = outcome
         outcome.add_done_callback(lambda task: self._read_attached(request, stream, task))
@@ -581,7 +637,7 @@ class HttpProtocol(asyncio.Protocol):
         elif self.closed:
             task.result().close()  # the client left while we attached
         else:
-            stream.attached(task.result(), self.state.broker.poll_duration)
+            stream.attached(task.result(), self.state.windows)
 
     def _read_failed(self, request: Request, stream: NdjsonStream, exc: BaseException) -> None:
         stream.done = True
