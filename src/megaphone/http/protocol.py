@@ -77,6 +77,20 @@ class HttpServerState:
         self.start = eager.start if broker.store.runs_inline else eager.in_task
         self._all_closed: asyncio.Event | None = None
         self.windows = ReadWindows(broker.poll_duration)
+        self._unflushed: list[HttpProtocol] = []
+
+    def flush_later(self, connection: HttpProtocol) -> None:
+        """Send ``connection``'s output once this turn of the loop is over. All the responses
+        and events of a turn then leave in one burst, one ``send`` per connection: events for
+        the same reader share it, and the peers are woken together rather than one by one."""
+        if not self._unflushed:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._unflushed.append(connection)
+
+    def _flush(self) -> None:
+        connections, self._unflushed = self._unflushed, []
+        for connection in connections:
+            connection.flush()
 
     def remove(self, connection: HttpProtocol) -> None:
         self.connections.discard(connection)
@@ -245,6 +259,7 @@ class HttpProtocol(asyncio.Protocol):
         "_head_received",
         "_header_bytes",
         "_in_head",
+        "_out",
         "_parse_error",
         "_stall_timer",
         "_timer_at",
@@ -299,6 +314,7 @@ class HttpProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when ``timer`` fires
         self._abort_timer: asyncio.TimerHandle | None = None  # after close: abort if not flushed
+        self._out: list[bytes] | None = None  # written this turn of the loop, not yet sent
         self._stall_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
 
     # --- transport events -------------------------------------------------------------------
@@ -310,6 +326,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._out = None
         self.state.remove(self)
         for timer in (self.timer, self._abort_timer, self._stall_timer):
             if timer is not None:
@@ -660,13 +677,30 @@ class HttpProtocol(asyncio.Protocol):
     # --- output and lifetime ------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        """Queue ``data``; every connection written to in one turn of the event loop is flushed
+        at the end of that turn, with one ``send`` each (see HttpServerState.flush_later)."""
+        if self.transport is None or self.closed:
+            return
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self.state.flush_later(self)
+        else:
+            out.append(data)
+
+    def flush(self) -> None:
+        out = self._out
+        if out is None:
+            return
+        self._out = None
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         """Close after what was written is flushed; abort if the client does not read it."""
         if self.closed or self.transport is None:
             return
+        self.flush()
         self.closed = True
         transport = self.transport
         self._disarm()
