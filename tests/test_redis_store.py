@@ -16,6 +16,7 @@ from megaphone.core.events import make_event
 from megaphone.errors import StoreUnavailable
 from megaphone.metrics import Metrics
 from megaphone.store.redis import RedisStore, _Keys
+from megaphone.store.resp import CLIENT_NAME
 from support import RedisServer
 
 
@@ -33,9 +34,15 @@ class Sink:
         self.ended = True
 
 
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+@pytest.fixture(params=["resp", "redis-py"])
+async def store(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> AsyncIterator[RedisStore]:
+    """A store on the session's Redis; its scripts on the lean connection, or (as for a
+    ``rediss://`` address) on redis-py's pipelines."""
     made = RedisStore(url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:")
+    if request.param == "redis-py":
+        made._scripts.resp = None
     await made.start()
     yield made
     await made.aclose()
@@ -226,3 +233,114 @@ async def test_a_sweep_that_fails_on_some_channels_reports_the_others(
         assert await store.count() == 0
     finally:
         await store.aclose()
+
+
+# --- the lean script connection ---------------------------------------------------------------
+
+
+async def _script_connection(client: aioredis.Redis) -> dict[str, Any]:
+    [found] = [c for c in await client.client_list() if c["name"] == CLIENT_NAME]
+    return found
+
+
+# a script that keeps Redis busy (it serves nobody meanwhile) for half a second
+BUSY_HALF_A_SECOND = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+while true do
+  t = redis.call('TIME')
+  if t[1] * 1000000 + t[2] - start > 500000 then return 1 end
+end
+"""
+
+
+async def test_a_dropped_script_connection_fails_its_calls_and_is_replaced(
+    redis_server: RedisServer,
+) -> None:
+    """Redis closing the connection: the next call opens another. The connection breaking with
+    calls in flight: those fail with StoreUnavailable (a 503 upstream), nothing hangs."""
+    store = RedisStore(url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:")
+    await store.start()
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        address, key = new_consumer_address("a")
+        await store.create(key, address, 100)
+        await store.write(key, make_event("s", 0), 0.0)
+        first = await _script_connection(admin)
+        await admin.client_kill_filter(_id=first["id"])
+        await asyncio.sleep(0.1)  # the close reaches us
+        await store.write(key, make_event("s", 1), 0.0)  # on a new connection
+        second = await _script_connection(admin)
+        assert second["id"] != first["id"]
+
+        asleep = asyncio.ensure_future(admin.eval(BUSY_HALF_A_SECOND, 0))
+        await asyncio.sleep(0.1)  # Redis is busy: what we send now stays unanswered
+        in_flight = asyncio.ensure_future(store.write(key, make_event("s", "lost?"), 0.0))
+        assert store._resp is not None
+        for _ in range(100):
+            protocol = store._resp._protocol
+            if protocol is not None and protocol.waiting:
+                break
+            await asyncio.sleep(0.005)
+        assert protocol is not None
+        assert protocol.transport is not None
+        protocol.transport.abort()  # the connection breaks (a reset, a dead peer)
+        with pytest.raises(StoreUnavailable):
+            await in_flight
+        await asyncio.wait_for(asleep, 5)
+        await store.write(key, make_event("s", 2), 0.0)
+        sink = Sink()
+        subscription = await store.attach(key, sink, None)
+        subscription.start()
+        await wait_lines(sink, 3)
+        bodies = [orjson.loads(line)["body"] for line in sink.lines]
+        # the write that failed may or may not have run (Redis read it before the reset): it
+        # was answered 503, so its client knows to write it again
+        assert bodies in ([0, 1, 2], [0, 1, "lost?", 2])
+        await _closed(subscription)
+    finally:
+        await admin.aclose()
+        await store.aclose()
+
+
+async def test_the_script_connection_selects_the_database_of_the_url(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    store = RedisStore(url=url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:")
+    await store.start()
+    db3 = aioredis.Redis.from_url(url)
+    try:
+        address, key = new_consumer_address("a")
+        await store.create(key, address, 100)
+        await store.write(key, make_event("s", 1), 0.0)
+        ids = _Keys(store.prefix, key)
+        assert await db3.xlen(ids.keys[1]) == 1  # the script's XADD went to db 3
+        assert (await _script_connection(db3))["db"] == "3"
+    finally:
+        await db3.aclose()
+        await store.aclose()
+
+
+async def test_the_script_connection_authenticates() -> None:
+    secured = RedisServer("--requirepass", "s3cret")
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{secured.port}/0"
+        store = RedisStore(url=url, metrics=Metrics(), prefix="auth:")
+        await store.start()
+        try:
+            address, key = new_consumer_address("a")
+            await store.create(key, address, 100)
+            await store.write(key, make_event("s", 1), 0.0)
+        finally:
+            await store.aclose()
+        wrong = RedisStore(
+            url=f"redis://:nope@127.0.0.1:{secured.port}/0", metrics=Metrics(), prefix="auth:"
+        )
+        try:
+            with pytest.raises(StoreUnavailable):
+                await wrong._script("write", ["x"], [])
+        finally:
+            await wrong.aclose()
+    finally:
+        secured.stop()

@@ -46,6 +46,7 @@ from megaphone.core.events import Event
 from megaphone.errors import Busy, ChannelLimit, NotFound, StoreUnavailable, WriteTimeout
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
+from megaphone.store.resp import RespClient, pack
 
 log = logging.getLogger("megaphone.store.redis")
 T = TypeVar("T")
@@ -273,8 +274,10 @@ class RedisStore(ChannelStore):
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        self._resp = RespClient(url, timeout) if RespClient.supports(url) else None
         self._scripts = _Pipeliner(
             self.redis,
+            self._resp,
             {
                 "create": CREATE,
                 "write": WRITE,
@@ -563,6 +566,8 @@ class RedisStore(ChannelStore):
                     await task
         if self._background:
             await asyncio.wait(set(self._background), timeout=2)
+        if self._resp is not None:
+            self._resp.close()
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         with contextlib.suppress(RedisError, OSError):
@@ -637,11 +642,13 @@ class _Pipeliner:
     def __init__(
         self,
         redis: aioredis.Redis,
+        resp: RespClient | None,
         sources: dict[str, str],
         spawn: Callable[[Awaitable[None]], asyncio.Future[None]],
         timeout: float,
     ) -> None:
         self.redis = redis
+        self.resp = resp  # the lean script connection; None: redis-py pipelines (rediss://)
         self.timeout = timeout
         self.sources = sources
         self.shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in sources.items()}
@@ -684,6 +691,14 @@ class _Pipeliner:
                 future.set_result(reply)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
+        if self.resp is not None:
+            shas = self.shas
+            return await self.resp.execute(
+                [
+                    pack(("EVALSHA", shas[name], len(keys), *keys, *args))
+                    for name, keys, args, _ in batch
+                ]
+            )
         pipe: Pipeline
         async with asyncio.timeout(self.timeout), self.redis.pipeline(transaction=False) as pipe:
             for name, keys, args, _ in batch:

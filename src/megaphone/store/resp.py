@@ -1,0 +1,194 @@
+"""A lean, pipelined Redis connection for the store's hot path: its Lua script calls.
+
+redis-py stays the client for everything else (pub/sub, the few plain commands, loading scripts).
+Its pipeline machinery costs more per script call than the script itself: packing each argument
+through its encoder, a pool checkout, a retry wrapper and the reply layers made up about two thirds
+of the server's CPU per event on the Redis store (cProfile of the throughput workload, 2026-12-01).
+Here one connection carries every script call: a command is packed by hand (RESP commands are
+length-prefixed strings, nothing to parse), the calls of one turn of the event loop go out in one
+``send``, and the replies, parsed by hiredis (the C parser redis-py itself uses), resolve the
+callers' futures in order. A dropped connection fails what it carried; the next call opens another.
+
+Supported addresses: ``redis://[[user]:password@]host[:port][/db]`` and
+``unix://[[user]:password@]/path?db=N``; anything else (``rediss://``) keeps redis-py's pipelines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from typing import Any
+
+import hiredis
+from redis.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+CONNECT_TIMEOUT = 2.0
+CLIENT_NAME = "megaphone-scripts"
+
+Arg = str | bytes | int
+
+
+def pack(parts: list[Arg] | tuple[Arg, ...]) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        if isinstance(part, str):
+            part = part.encode()
+        elif isinstance(part, int):
+            part = b"%d" % part
+        out.append(b"$%d\r\n%b\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+def _error(reply: hiredis.ReplyError) -> ResponseError:
+    message = str(reply)
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    return ResponseError(message)
+
+
+class RespProtocol(asyncio.Protocol):
+    """One connection: commands out in order, replies in the same order."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader()
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment] # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, commands: list[bytes]) -> list[asyncio.Future[Any]]:
+        if self.lost is not None or self.transport is None:
+            raise RedisConnectionError("connection to redis lost")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        self.waiting.extend(futures)
+        self.transport.write(commands[0] if len(commands) == 1 else b"".join(commands))
+        return futures
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiting = self.waiting
+        try:
+            while True:
+                reply = reader.gets()
+                if reply is False:
+                    return
+                future = waiting.popleft()
+                if future.done():  # its caller gave up (timeout, cancellation)
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    future.set_result(_error(reply))  # an answer, not a broken connection
+                else:
+                    future.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:  # not Redis talking, or out of step
+            self.abort(RedisConnectionError(f"bad reply from redis: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.abort(RedisConnectionError(f"connection to redis lost: {exc or 'closed'}"))
+
+    def abort(self, error: BaseException) -> None:
+        if self.lost is None:
+            self.lost = error
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(self.lost)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class RespClient:
+    """The script connection of one store: connected on first use, replaced when lost."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self.timeout = timeout
+        self._protocol: RespProtocol | None = None
+        self._connecting: asyncio.Task[RespProtocol] | None = None
+        self._closed = False
+
+    @staticmethod
+    def supports(url: str) -> bool:
+        return url.startswith(("redis://", "unix://"))
+
+    async def execute(self, commands: list[bytes]) -> list[Any]:
+        """Send ``commands`` in one write; their replies (a ``ResponseError`` for a command
+        Redis refused). Raises for the whole batch when the connection fails or Redis does not
+        answer within ``timeout`` (the connection is then dropped: it may be half-open)."""
+        protocol: RespProtocol | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                protocol = await self._connection()
+                futures = protocol.send(commands)
+                return [await future for future in futures]
+        except TimeoutError:
+            if protocol is not None:
+                protocol.abort(RedisConnectionError("redis did not answer in time"))
+            raise
+
+    async def _connection(self) -> RespProtocol:
+        protocol = self._protocol
+        if protocol is not None and protocol.lost is None:
+            return protocol
+        if self._closed:
+            raise RedisConnectionError("the store is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if self._connecting is connecting and connecting.done():
+                self._connecting = None
+
+    async def _connect(self) -> RespProtocol:
+        loop = asyncio.get_running_loop()
+        options = self.options
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                if "path" in options:
+                    _, protocol = await loop.create_unix_connection(RespProtocol, options["path"])
+                else:
+                    _, protocol = await loop.create_connection(
+                        RespProtocol, options.get("host", "localhost"), options.get("port", 6379)
+                    )
+                setup: list[bytes] = []  # its replies are checked; a refusal fails the connect
+                if options.get("password") is not None:
+                    user = options.get("username")
+                    auth = (
+                        ("AUTH", user, options["password"])
+                        if user
+                        else ("AUTH", options["password"])
+                    )
+                    setup.append(pack(auth))
+                if options.get("db"):
+                    setup.append(pack(("SELECT", int(options["db"]))))
+                setup.append(pack(("CLIENT", "SETNAME", CLIENT_NAME)))  # for CLIENT LIST
+                for reply in [await f for f in protocol.send(setup)]:
+                    if isinstance(reply, ResponseError):
+                        protocol.abort(RedisConnectionError(str(reply)))
+                        raise RedisConnectionError(f"redis refused the connection: {reply}")
+        except TimeoutError:
+            raise RedisConnectionError("could not connect to redis in time") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"could not connect to redis: {exc}") from exc
+        self._protocol = protocol
+        return protocol
+
+    def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._protocol is not None:
+            self._protocol.abort(RedisConnectionError("the store is closed"))
