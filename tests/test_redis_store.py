@@ -40,12 +40,23 @@ async def store(
 ) -> AsyncIterator[RedisStore]:
     """A store on the session's Redis; its scripts on the lean connection, or (as for a
     ``rediss://`` address) on redis-py's pipelines."""
-    made = RedisStore(url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:")
-    if request.param == "redis-py":
-        made._scripts.resp = None
+    made = make_store(redis_server, request.param)
     await made.start()
     yield made
     await made.aclose()
+
+
+def make_store(redis_server: RedisServer, variant: str, **options: Any) -> RedisStore:
+    made = RedisStore(
+        url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:", **options
+    )
+    if variant == "redis-py":
+        made._scripts.resp = None
+        made._subscriber = None
+    return made
+
+
+VARIANTS = pytest.mark.parametrize("variant", ["resp", "redis-py"])
 
 
 async def test_a_cancelled_attach_does_not_keep_the_lease(
@@ -155,14 +166,13 @@ async def test_one_notification_per_take(store: RedisStore) -> None:
     await _closed(subscription)
 
 
+@VARIANTS
 async def test_a_lost_notification_connection_wakes_every_reader(
-    redis_server: RedisServer,
+    redis_server: RedisServer, variant: str
 ) -> None:
     """Events published while the notification connection was down are not lost: once it is
     back, every reader of the node looks again, long before the (here: 60 s) safety tick."""
-    store = RedisStore(
-        url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:", poll=60.0
-    )
+    store = make_store(redis_server, variant, poll=60.0)
     await store.start()
     try:
         address, key = new_consumer_address("a")
@@ -170,10 +180,13 @@ async def test_a_lost_notification_connection_wakes_every_reader(
         sink = Sink()
         subscription = await store.attach(key, sink, None)
         subscription.start()
+        await asyncio.sleep(0.1)
+        await store.write(key, make_event("s", "notified"), 0.0)  # only its notification
+        await wait_lines(sink, 1)  # can deliver it before the tick
         await asyncio.sleep(0.05)
         await store.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         await store.write(key, make_event("s", "while away"), 0.0)  # its wake-up is lost
-        await wait_lines(sink, 1)
+        await wait_lines(sink, 2)
         await _closed(subscription)
     finally:
         await store.aclose()
@@ -185,19 +198,25 @@ async def _closed(subscription: Any) -> None:
         await released
 
 
+@VARIANTS
 async def test_concurrent_first_subscriptions_share_one_connection(
-    redis_server: RedisServer,
+    redis_server: RedisServer, variant: str
 ) -> None:
     """The notification connection opens lazily; 50 subscriptions made at once by a node that
     has no connection yet open exactly one. (Each of its own would be a connection nobody reads:
     its readers would wait for the safety tick, as the two-node fan-out benchmark showed.)"""
-    store = RedisStore(url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:")
+    store = make_store(redis_server, variant)
     probe = aioredis.Redis.from_url(redis_server.url)
+    before = len(await probe.client_list(_type="pubsub"))
     await store.start()
     try:
-        before = len(await probe.client_list(_type="pubsub"))
         names = [f"{store.prefix}n{n}" for n in range(50)]
-        await asyncio.gather(*(store._notifications(store._pubsub.subscribe, n) for n in names))
+        await asyncio.gather(*(store._subscribe(n) for n in names))
+        for _ in range(100):  # the lean connection subscribes as soon as it is up
+            if len(await probe.client_list(_type="pubsub")) > before:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
         assert len(await probe.client_list(_type="pubsub")) == before + 1
     finally:
         await store.aclose()

@@ -46,7 +46,7 @@ from megaphone.core.events import Event
 from megaphone.errors import Busy, ChannelLimit, NotFound, StoreUnavailable, WriteTimeout
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
-from megaphone.store.resp import RespClient, pack
+from megaphone.store.resp import RespClient, RespSubscriber, pack
 
 log = logging.getLogger("megaphone.store.redis")
 T = TypeVar("T")
@@ -294,6 +294,11 @@ class RedisStore(ChannelStore):
         self._count = prefix + "count"
         self._agents = prefix + "agents"
         self._pubsub = _PubSub(self.redis.connection_pool, on_connect=self._wake_all)
+        # notifications on a lean connection of our own when the address allows (as the
+        # scripts); else redis-py's PubSub and the _listen task
+        self._subscriber = (
+            RespSubscriber(url, self._on_message, self._wake_all) if self._resp else None
+        )
         self._subscribing = asyncio.Lock()
         self._readers: dict[str, _RedisSubscription] = {}
         self._releasing: dict[str, asyncio.Future[None]] = {}
@@ -301,6 +306,7 @@ class RedisStore(ChannelStore):
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._started = False
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -329,9 +335,32 @@ class RedisStore(ChannelStore):
         return task
 
     async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
         loop = asyncio.get_running_loop()
-        self._listener = loop.create_task(self._listen())
+        if self._subscriber is not None:
+            self._subscriber.start()
+        else:
+            self._listener = loop.create_task(self._listen())
         self._ticker = loop.create_task(self._tick())
+
+    async def _subscribe(self, channel: str) -> None:
+        if self._subscriber is not None:
+            self._subscriber.subscribe(channel)
+        else:
+            await self._notifications(self._pubsub.subscribe, channel)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if self._subscriber is not None:
+            self._subscriber.unsubscribe(channel)
+        else:
+            await self._notifications(self._pubsub.unsubscribe, channel)
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        subscription = self._readers.get(channel.decode())
+        if subscription is not None:
+            subscription.notified(data.decode())
 
     async def ping(self) -> None:
         await self._call(self.redis.ping())
@@ -443,9 +472,8 @@ class RedisStore(ChannelStore):
         self._readers[ids.notify] = subscription
         try:
             with contextlib.suppress(StoreUnavailable):  # the reader polls until notified again
-                await self._notifications(self._pubsub.subscribe, ids.notify)
-            if self._listener is None:
-                await self.start()
+                await self._subscribe(ids.notify)
+            await self.start()
         except asyncio.CancelledError:
             subscription.close()
             raise
@@ -466,7 +494,7 @@ class RedisStore(ChannelStore):
         if self._readers.get(ids.notify) is not None and self._readers[ids.notify].token == token:
             del self._readers[ids.notify]
         with contextlib.suppress(StoreUnavailable):
-            await self._notifications(self._pubsub.unsubscribe, ids.notify)
+            await self._unsubscribe(ids.notify)
         # a lease left behind answers 409 until it lapses: worth a few tries through a blip
         for attempt in range(RELEASE_TRIES):
             now = _now_ms()
@@ -568,6 +596,8 @@ class RedisStore(ChannelStore):
             await asyncio.wait(set(self._background), timeout=2)
         if self._resp is not None:
             self._resp.close()
+        if self._subscriber is not None:
+            await self._subscriber.aclose()
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         with contextlib.suppress(RedisError, OSError):

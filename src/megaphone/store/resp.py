@@ -16,9 +16,12 @@ Supported addresses: ``redis://[[user]:password@]host[:port][/db]`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import hiredis
 from redis.connection import parse_url
@@ -27,6 +30,8 @@ from redis.exceptions import NoScriptError, ResponseError
 
 CONNECT_TIMEOUT = 2.0
 CLIENT_NAME = "megaphone-scripts"
+SUBSCRIBER_NAME = "megaphone-notifications"
+log = logging.getLogger("megaphone.store.redis")
 
 Arg = str | bytes | int
 
@@ -153,36 +158,7 @@ class RespClient:
                 self._connecting = None
 
     async def _connect(self) -> RespProtocol:
-        loop = asyncio.get_running_loop()
-        options = self.options
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                if "path" in options:
-                    _, protocol = await loop.create_unix_connection(RespProtocol, options["path"])
-                else:
-                    _, protocol = await loop.create_connection(
-                        RespProtocol, options.get("host", "localhost"), options.get("port", 6379)
-                    )
-                setup: list[bytes] = []  # its replies are checked; a refusal fails the connect
-                if options.get("password") is not None:
-                    user = options.get("username")
-                    auth = (
-                        ("AUTH", user, options["password"])
-                        if user
-                        else ("AUTH", options["password"])
-                    )
-                    setup.append(pack(auth))
-                if options.get("db"):
-                    setup.append(pack(("SELECT", int(options["db"]))))
-                setup.append(pack(("CLIENT", "SETNAME", CLIENT_NAME)))  # for CLIENT LIST
-                for reply in [await f for f in protocol.send(setup)]:
-                    if isinstance(reply, ResponseError):
-                        protocol.abort(RedisConnectionError(str(reply)))
-                        raise RedisConnectionError(f"redis refused the connection: {reply}")
-        except TimeoutError:
-            raise RedisConnectionError("could not connect to redis in time") from None
-        except OSError as exc:
-            raise RedisConnectionError(f"could not connect to redis: {exc}") from exc
+        protocol = await connect(self.options, RespProtocol, CLIENT_NAME)
         self._protocol = protocol
         return protocol
 
@@ -192,3 +168,141 @@ class RespClient:
             self._connecting.cancel()
         if self._protocol is not None:
             self._protocol.abort(RedisConnectionError("the store is closed"))
+
+
+P = TypeVar("P", bound=RespProtocol)
+
+
+async def connect(options: dict[str, Any], factory: Callable[[], P], name: str) -> P:
+    """Open a connection (TCP or unix socket), authenticate, select the database, name it."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            if "path" in options:
+                _, protocol = await loop.create_unix_connection(factory, options["path"])
+            else:
+                _, protocol = await loop.create_connection(
+                    factory, options.get("host", "localhost"), options.get("port", 6379)
+                )
+            setup: list[bytes] = []  # its replies are checked; a refusal fails the connect
+            if options.get("password") is not None:
+                user = options.get("username")
+                auth = (
+                    ("AUTH", user, options["password"]) if user else ("AUTH", options["password"])
+                )
+                setup.append(pack(auth))
+            if options.get("db"):
+                setup.append(pack(("SELECT", int(options["db"]))))
+            setup.append(pack(("CLIENT", "SETNAME", name)))  # for CLIENT LIST
+            for reply in [await f for f in protocol.send(setup)]:
+                if isinstance(reply, ResponseError):
+                    protocol.abort(RedisConnectionError(str(reply)))
+                    raise RedisConnectionError(f"redis refused the connection: {reply}")
+    except TimeoutError:
+        raise RedisConnectionError("could not connect to redis in time") from None
+    except OSError as exc:
+        raise RedisConnectionError(f"could not connect to redis: {exc}") from exc
+    return protocol
+
+
+class PushProtocol(RespProtocol):
+    """A subscribed connection: after its setup replies, everything Redis sends is a push."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_push: Callable[[list[Any]], None] | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiting:  # the setup (AUTH, SELECT, SETNAME) is still being answered
+            super().data_received(data)
+            return
+        reader = self.reader
+        reader.feed(data)
+        try:
+            while True:
+                reply = reader.gets()
+                if reply is False:
+                    return
+                if self.waiting:  # (only during setup)
+                    self.waiting.popleft().set_result(reply)
+                elif self.on_push is not None and isinstance(reply, list):
+                    self.on_push(reply)
+        except hiredis.ProtocolError as exc:
+            self.abort(RedisConnectionError(f"bad reply from redis: {exc}"))
+
+    def abort(self, error: BaseException) -> None:
+        super().abort(error)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def command(self, *parts: Arg) -> None:
+        if self.lost is None and self.transport is not None:
+            self.transport.write(pack(parts))
+
+
+class RespSubscriber:
+    """The notification connection of one store: ``SUBSCRIBE``/``UNSUBSCRIBE`` on one
+    connection, in order (so no lock and no lazily opened extra connections), each message
+    handed to ``on_message(channel, data)``. It reconnects by itself; after each (re)connect it
+    subscribes again to every channel wanted and calls ``on_connect``, since whatever was
+    published while it was down is lost."""
+
+    def __init__(
+        self,
+        url: str,
+        on_message: Callable[[bytes, bytes], None],
+        on_connect: Callable[[], None],
+    ) -> None:
+        self.options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self.channels: set[str] = set()
+        self.protocol: PushProtocol | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def subscribe(self, channel: str) -> None:
+        self.channels.add(channel)
+        if self.protocol is not None:
+            self.protocol.command("SUBSCRIBE", channel)
+
+    def unsubscribe(self, channel: str) -> None:
+        self.channels.discard(channel)
+        if self.protocol is not None:
+            self.protocol.command("UNSUBSCRIBE", channel)
+
+    def _push(self, reply: list[Any]) -> None:
+        if len(reply) == 3 and reply[0] == b"message":
+            self.on_message(reply[1], reply[2])
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                protocol = await connect(self.options, PushProtocol, SUBSCRIBER_NAME)
+            except RedisConnectionError as exc:
+                log.warning("redis notifications interrupted", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            protocol.on_push = self._push
+            self.protocol = protocol
+            if self.channels:
+                protocol.command("SUBSCRIBE", *self.channels)
+            self.on_connect()
+            await protocol.closed
+            self.protocol = None
+            log.warning("redis notifications interrupted", extra={"error": "connection lost"})
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.protocol is not None:
+            self.protocol.abort(RedisConnectionError("the store is closed"))
