@@ -84,7 +84,7 @@ class HttpServerState:
         and events of a turn then leave in one burst, one ``send`` per connection: events for
         the same reader share it, and the peers are woken together rather than one by one."""
         if not self._unflushed:
-            asyncio.get_running_loop().call_soon(self._flush)
+            connection.loop.call_soon(self._flush)
         self._unflushed.append(connection)
 
     def _flush(self) -> None:
