@@ -272,6 +272,25 @@ async def test_a_turn_of_the_loop_sends_once_per_connection(node: MegaphoneServe
     reader.connection_lost(None)
 
 
+async def test_a_read_pipelined_behind_a_read_gets_its_own_window(
+    server_factory: ServerFactory,
+) -> None:
+    """The second read starts while the first one's window is being ended (inside the expiry of
+    the windows' FIFO) and still ends after a window of its own."""
+    node = await server_factory(poll_duration_millis=300)
+    conn = await Conn.open(node)
+    channel = await new_channel(conn)
+    path = f"/read/{channel['consumerAddress']}"
+    await conn.send(request("GET", path) + request("GET", path))
+    for _ in range(2):
+        response = await conn.response()  # each ends with its last chunk
+        assert response.status == 200
+        assert response.chunks == []
+    await conn.send(request("GET", "/healthz"))
+    assert (await conn.response()).status == 200
+    await conn.close()
+
+
 async def test_pipelined_requests_are_answered_in_order(
     node: MegaphoneServer, http: httpx.AsyncClient
 ) -> None:

@@ -254,6 +254,35 @@ async def test_a_sweep_that_fails_on_some_channels_reports_the_others(
         await store.aclose()
 
 
+async def test_a_sweep_whose_bookkeeping_fails_still_reports_what_it_deleted(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scripts deleted the channels, the index and count update after them failed: the
+    channels are reported (their webhook fires now), and the next sweep, finding their keys
+    gone, fixes the index and the counts."""
+    store = make_store(redis_server, "resp", ttl=0.01)
+    await store.start()
+    try:
+        channels = [new_consumer_address("a") for _ in range(3)]
+        for address, key in channels:
+            await store.create(key, address, 100)
+        await asyncio.sleep(0.05)
+
+        async def unavailable(later: dict[str, int], gone: list[str]) -> None:
+            raise StoreUnavailable("redis unavailable: test")
+
+        monkeypatch.setattr(store, "_reindex", unavailable)
+        assert sorted(await store.expire()) == sorted(address for address, _ in channels)
+        assert await store.count() == 3  # not yet corrected
+        monkeypatch.undo()
+        assert await store.expire() == []  # nothing left to delete or report twice
+        assert await store.count() == 0
+        assert await store.count("a") == 0
+        assert await store.redis.zcard(store._expiry) == 0
+    finally:
+        await store.aclose()
+
+
 # --- the lean script connection ---------------------------------------------------------------
 
 

@@ -145,8 +145,11 @@ class ReadWindows:
         while entries and entries[0][0] <= now:
             stream = entries.popleft()[1]
             if stream is not None:
-                stream.finish()
-        if entries:
+                try:
+                    stream.finish()  # may start the connection's next read (a new entry)
+                except Exception:
+                    log.exception("ending a read failed")
+        if entries and self._timer is None:
             self._timer = self._loop.call_at(entries[0][0], self._expire)
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -532,36 +533,74 @@ class RedisStore(ChannelStore):
 
     async def expire(self) -> list[str]:
         now = _now_ms()
-        due = await self._call(self.redis.zrangebyscore(self._expiry, "-inf", now, 0, 1000))
+        due = [
+            _text(raw)
+            for raw in await self._call(
+                self.redis.zrangebyscore(self._expiry, "-inf", now, 0, 1000)
+            )
+        ]
         # all at once: their scripts share pipelines, so a sweep costs round trips per batch
-        results = await asyncio.gather(
-            *(self._expire_one(_text(raw), now) for raw in due), return_exceptions=True
+        replies = await asyncio.gather(
+            *(self._expire_script(channel_id, now) for channel_id in due), return_exceptions=True
         )
-        expired = [result for result in results if isinstance(result, str)]
-        failed = [result for result in results if isinstance(result, BaseException)]
+        later: dict[str, int] = {}  # not due after all (read since, or being read): check again
+        gone: list[str] = []  # deleted by our script, or already gone: forget them
+        expired: list[str] = []
+        failed: list[BaseException] = []
+        for channel_id, reply in zip(due, replies, strict=True):
+            if isinstance(reply, BaseException):
+                failed.append(reply)  # still in the index: the next sweep tries it again
+                continue
+            code = int(reply[0])
+            if code == 1:
+                later[channel_id] = int(reply[1])
+                continue
+            gone.append(channel_id)
+            if code == 2:
+                self.metrics.channel_disposed += 1
+                self.metrics.messages_lost += int(reply[3])
+                self.metrics.channel_duration.observe((now - int(reply[2])) / 1000)
+                expired.append(_text(reply[1]))
         if failed and not expired:
             raise failed[0]
-        if failed:  # still in the index: the next sweep tries them again
+        if failed:
             log.warning("expiry sweep incomplete", extra={"failed": len(failed)})
+        try:
+            await self._reindex(later, gone)
+        except StoreUnavailable as exc:
+            # the channels are deleted all the same (report them: their webhook must fire);
+            # their index entries stay, and a later sweep finds them gone and forgets them
+            log.warning("expiry bookkeeping deferred", extra={"detail": exc.message})
         return expired
 
-    async def _expire_one(self, channel_id: str, now: int) -> str | None:
-        """Delete one due channel if its lifetime is over; its consumer address if so."""
+    async def _expire_script(self, channel_id: str, now: int) -> Any:
         base = f"{self.prefix}{{{channel_id}}}"
-        reply = await self._script(
+        return await self._script(
             "expire", [base + ":m", base + ":p", base + ":w"], [now, self.ttl_ms]
         )
-        code = int(reply[0])
-        if code == 1:  # not due after all (read since, or being read): check again later
-            await self._call(self.redis.zadd(self._expiry, {channel_id: int(reply[1])}))
-            return None
-        await self._forget(channel_id)  # deleted, or already gone: keep the counts exact
-        if code == 0:
-            return None
-        self.metrics.channel_disposed += 1
-        self.metrics.messages_lost += int(reply[3])
-        self.metrics.channel_duration.observe((now - int(reply[2])) / 1000)
-        return _text(reply[1])
+
+    async def _reindex(self, later: dict[str, int], gone: list[str]) -> None:
+        """One sweep's bookkeeping in two pipelines: the next check of the channels not due yet,
+        and the index and counts of the deleted ones (see _forget: only the node whose ZREM
+        removed an entry decrements, so the counts stay exact)."""
+        if not later and not gone:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if later:
+                pipe.zadd(self._expiry, later)
+            for channel_id in gone:
+                pipe.zrem(self._expiry, channel_id)
+            results = await self._call(pipe.execute())
+        removed = results[1:] if later else results
+        per_agent = Counter(
+            channel_id.split(".", 1)[0] for channel_id, n in zip(gone, removed, strict=True) if n
+        )
+        if per_agent:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.decrby(self._count, sum(per_agent.values()))
+                for agent, count in per_agent.items():
+                    pipe.decrby(self._count_key(agent), count)
+                await self._call(pipe.execute())
 
     async def list(self, skip: int, limit: int) -> list[ChannelInfo]:
         ids = await self._call(self.redis.zrange(self._expiry, skip, skip + limit - 1))

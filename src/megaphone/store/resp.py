@@ -1,6 +1,6 @@
-"""A lean, pipelined Redis connection for the store's hot path: its Lua script calls.
+"""Lean Redis connections for the store's hot path: its Lua script calls and its notifications.
 
-redis-py stays the client for everything else (pub/sub, the few plain commands, loading scripts).
+redis-py stays the client for everything else (the few plain commands, loading scripts).
 Its pipeline machinery costs more per script call than the script itself: packing each argument
 through its encoder, a pool checkout, a retry wrapper and the reply layers made up about two thirds
 of the server's CPU per event on the Redis store (cProfile of the throughput workload, 2026-12-01).
@@ -8,9 +8,11 @@ Here one connection carries every script call: a command is packed by hand (RESP
 length-prefixed strings, nothing to parse), the calls of one turn of the event loop go out in one
 ``send``, and the replies, parsed by hiredis (the C parser redis-py itself uses), resolve the
 callers' futures in order. A dropped connection fails what it carried; the next call opens another.
+Notifications (``SUBSCRIBE``) have a connection of their own, likewise (``RespSubscriber``).
 
 Supported addresses: ``redis://[[user]:password@]host[:port][/db]`` and
-``unix://[[user]:password@]/path?db=N``; anything else (``rediss://``) keeps redis-py's pipelines.
+``unix://[[user]:password@]/path?db=N``; anything else (``rediss://``) keeps redis-py's pipelines
+and PubSub.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class RespProtocol(asyncio.Protocol):
             future = self.waiting.popleft()
             if not future.done():
                 future.set_exception(self.lost)
+                # a batch awaits its replies in order and stops at the first failure: the rest
+                # are never awaited, which asyncio would log as "exception never retrieved"
+                future.exception()
         if self.transport is not None:
             self.transport.abort()
 
