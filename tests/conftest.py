@@ -8,6 +8,8 @@ bound to it.
 from __future__ import annotations
 
 import asyncio
+import io
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
@@ -22,12 +24,38 @@ from support import RedisServer
 
 ServerFactory = Callable[..., Awaitable[MegaphoneServer]]
 
+# An async test (fixtures included) that is still running after this long is stuck: its tasks
+# are printed and cancelled, so it fails with a traceback and the run goes on. pytest-timeout
+# (pyproject) cannot do this on uvloop: its SIGALRM handler only runs once the loop wakes up,
+# which a loop with nothing scheduled never does. It stays the backstop, by thread, at 60 s.
+WATCHDOG_SECONDS = 40.0
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every async test runs on uvloop, as the server does in production."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+def _stuck(loop: asyncio.AbstractEventLoop, name: str) -> None:
+    out = io.StringIO()
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    print(f"\n{name}: stuck after {WATCHDOG_SECONDS:.0f} s; cancelling its tasks:", file=out)
+    for task in tasks:
+        task.print_stack(file=out)
+    sys.stderr.write(out.getvalue())
+    for task in tasks:
+        task.cancel(f"stuck after {WATCHDOG_SECONDS:.0f} s")
+
+
+@pytest.fixture(autouse=True)
+async def _watchdog(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Set up first and torn down last, so it covers every fixture of the test too."""
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(WATCHDOG_SECONDS, _stuck, loop, request.node.nodeid)
+    yield
+    timer.cancel()
 
 
 def make_settings(**overrides: Any) -> Settings:

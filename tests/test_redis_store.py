@@ -392,3 +392,46 @@ async def test_the_script_connection_authenticates() -> None:
             await wrong.aclose()
     finally:
         secured.stop()
+
+
+class SilentRedis:
+    """A TCP server that accepts and never answers: a connection attempt hangs in its setup
+    (AUTH / SELECT / CLIENT SETNAME), the moment a shutdown may cancel it."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()  # the first setup command arrived
+        self.closed_by_peer = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SilentRedis:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            self.asked.set()  # requests are taken, never answered
+        self.closed_by_peer.set()  # EOF: the client closed its side
+        writer.close()
+
+
+async def test_a_connect_cancelled_during_its_setup_closes_the_connection() -> None:
+    """A subscriber still connecting when the store closes must not leave its socket open:
+    an open transport makes uvloop's ``loop.close()`` wait for it forever."""
+    async with SilentRedis() as silent:
+        store = RedisStore(url=silent.url, metrics=Metrics(), prefix="silent:")
+        assert store._subscriber is not None  # the lean notification connection
+        await store.start()
+        async with asyncio.timeout(5):
+            await silent.asked.wait()  # its setup commands are out, unanswered
+        await store.aclose()
+        async with asyncio.timeout(5):
+            await silent.closed_by_peer.wait()

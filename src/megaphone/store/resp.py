@@ -179,8 +179,13 @@ P = TypeVar("P", bound=RespProtocol)
 
 
 async def connect(options: dict[str, Any], factory: Callable[[], P], name: str) -> P:
-    """Open a connection (TCP or unix socket), authenticate, select the database, name it."""
+    """Open a connection (TCP or unix socket), authenticate, select the database, name it.
+
+    Whatever ends the attempt early (a refusal, the timeout, the caller's cancellation while the
+    setup replies are awaited) closes the half-made connection: a transport left open would hold
+    the event loop's close forever (uvloop waits for every handle it could not close)."""
     loop = asyncio.get_running_loop()
+    protocol: P | None = None
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             if "path" in options:
@@ -201,12 +206,15 @@ async def connect(options: dict[str, Any], factory: Callable[[], P], name: str) 
             setup.append(pack(("CLIENT", "SETNAME", name)))  # for CLIENT LIST
             for reply in [await f for f in protocol.send(setup)]:
                 if isinstance(reply, ResponseError):
-                    protocol.abort(RedisConnectionError(str(reply)))
                     raise RedisConnectionError(f"redis refused the connection: {reply}")
-    except TimeoutError:
-        raise RedisConnectionError("could not connect to redis in time") from None
-    except OSError as exc:
-        raise RedisConnectionError(f"could not connect to redis: {exc}") from exc
+    except BaseException as exc:
+        if protocol is not None:
+            protocol.abort(RedisConnectionError(f"connection abandoned: {exc!r}"))
+        if isinstance(exc, TimeoutError):
+            raise RedisConnectionError("could not connect to redis in time") from None
+        if isinstance(exc, OSError):
+            raise RedisConnectionError(f"could not connect to redis: {exc}") from exc
+        raise
     return protocol
 
 
