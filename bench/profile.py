@@ -1,0 +1,196 @@
+"""Where the server's time goes under one benchmark workload: ``perf`` shares by process and
+by library, and the hottest symbols.
+
+    python3 bench/profile.py                                  # megaphone, throughput, 8 s
+    python3 bench/profile.py --target megaphone-redis         # megaphone and its redis-server
+    python3 bench/profile.py --target nchan --workload latency
+
+The target is started and loaded exactly as ``bench/run.py`` does (same starters, same load
+generator job, server on CPU 0, load on CPU 1); ``perf record`` samples the server's processes
+(for the Redis targets, redis-server too) for the middle of the measured window. Python 3.11 has
+no perf map, so all of the interpreter's work is one library (``libpython``, or ``python3.11``
+for a static build): its share is the cost of running our Python, the rest is the kernel
+(``[kernel.kallsyms]``: system calls, TCP on loopback), uvloop/libuv, httptools, orjson, libc.
+The load generator's own figures (events/s, server CPU per 1,000 events) are printed too, so a
+profile can be matched with a benchmark row. perf's sampling costs a few per cent of CPU: read the
+shares, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # the benchmark's own starters and plan (beside this file)
+
+PROFILED = ("megaphone", "megaphone-redis", "nchan", "pushpin")
+
+
+def starters() -> dict[str, run.Starter]:
+    return {
+        "megaphone": run.start_megaphone,
+        "megaphone-redis": run.redis_starter(1),
+        "nchan": run.start_nchan,
+        "pushpin": run.start_pushpin,
+    }
+
+
+def perf_report(data: Path, sort: str, limit: int) -> list[tuple[float, str]]:
+    """``perf report`` rows as (percent, key), the largest first."""
+    out = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio", "-q"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows: list[tuple[float, str]] = []
+    for line in out.splitlines():
+        parts = line.split()
+        if not parts or not parts[0].endswith("%"):
+            continue  # call-graph lines and blanks
+        try:
+            share = float(parts[0].rstrip("%"))
+        except ValueError:
+            continue
+        rows.append((share, " ".join(parts[1:])))
+    rows.sort(reverse=True)
+    return rows[:limit]
+
+
+def profile(target: str, workload: str, duration: float) -> dict[str, Any]:
+    plan = run.Plan(
+        duration=duration,
+        idle_sizes=(1_000,),
+        redis_readers=1_000,
+        create_duration=min(duration, 5.0),
+        phase_duration=min(duration, 5.0),
+    )
+    params = dict(plan.jobs(target)[workload])
+    server_args: list[str] = params.pop("server_args", [])
+    with tempfile.TemporaryDirectory(prefix=f"profile-{target}-") as tmp:
+        workdir = Path(tmp)
+        os.chmod(workdir, 0o755)
+        started: list[run.Server] = []
+        try:
+            deployment = starters()[target](workdir, server_args, started)
+            job = {**params, "workload": workload, "host": "127.0.0.1", **deployment.job()}
+            pids = deployment.server_pids()
+            if deployment.redis is not None:
+                pids += deployment.redis.pids
+            loadgen = subprocess.Popen(
+                [
+                    *run.pinned(run.LOADGEN_CPU),
+                    sys.executable,
+                    str(run.BENCH / "loadgen.py"),
+                    json.dumps(job),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            # the load generator connects, warms up (1 s), then measures ``duration``: sample
+            # the middle of that window
+            time.sleep(float(params.get("warmup_s", 1.0)) + 1.5)
+            data = workdir / "perf.data"
+            record = max(duration - 3.0, 2.0)
+            subprocess.run(
+                [
+                    "perf",
+                    "record",
+                    "-q",
+                    "-F",
+                    "499",
+                    "-g",
+                    "-o",
+                    str(data),
+                    "-p",
+                    ",".join(str(pid) for pid in pids),
+                    "--",
+                    "sleep",
+                    str(record),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            stdout, stderr = loadgen.communicate(timeout=300)
+            if loadgen.returncode != 0:
+                raise RuntimeError(f"load generator failed: {stderr[-2000:]}")
+            result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+            return {
+                "target": target,
+                "workload": workload,
+                "recorded_s": record,
+                "by_process_and_library": perf_report(data, "comm,dso", 12),
+                "symbols": perf_report(data, "comm,dso,sym", 20),
+                "loadgen": result,
+            }
+        finally:
+            for server in reversed(started):
+                run.stop(server)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "—" if value is None else str(value)
+
+
+def render(found: dict[str, Any]) -> str:
+    res = found["loadgen"]
+    lines = [
+        f"## {found['target']}, {found['workload']} workload "
+        f"({found['recorded_s']:.0f} s of perf samples)",
+        "",
+        f"events delivered/s {fmt(res.get('delivered_per_s'))} · server CPU per 1,000 events "
+        f"{fmt(res.get('server_cpu_ms_per_1k_events'))} ms"
+        + (
+            f" · redis-server {fmt(res['redis_cpu_ms_per_1k_events'])} ms"
+            if res.get("redis_cpu_ms_per_1k_events") is not None
+            else ""
+        )
+        + f" · load generator CPU {fmt(res.get('loadgen_cpu_pct'))} % (perf's sampling included)",
+        "",
+        "| share | process, library |",
+        "|---|---|",
+        *(f"| {share:.1f} % | {key} |" for share, key in found["by_process_and_library"]),
+        "",
+        "| share | process, library, symbol |",
+        "|---|---|",
+        *(f"| {share:.1f} % | `{key}` |" for share, key in found["symbols"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=PROFILED, default="megaphone")
+    parser.add_argument("--workload", choices=("throughput", "latency"), default="throughput")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured window, seconds")
+    parser.add_argument("--json", type=Path, help="also write the raw result here")
+    args = parser.parse_args(argv)
+    if shutil.which("perf") is None:
+        print("perf is not installed (apt-get install -y linux-perf)", file=sys.stderr)
+        return 2
+    run.raise_nofile()
+    found = profile(args.target, args.workload, args.duration)
+    if args.json:
+        args.json.write_text(json.dumps(found, indent=2))
+    print(render(found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
