@@ -78,12 +78,14 @@ def machine_busy_seconds() -> float:
     """Busy time of the whole machine (all CPUs) from /proc/stat, in seconds.
 
     user + nice + system + irq + softirq: what processes are charged for, softirq included (the
-    loopback networking done in a process's context counts as that process's system time).
+    loopback networking done in a process's context counts as that process's system time); plus
+    steal, the time the hypervisor of a VM ran something else on our CPUs, which no process of
+    ours is charged for but which disturbs a window just as another process would.
     """
     with open("/proc/stat", "rb") as f:
-        fields = [int(x) for x in f.readline().split()[1:8]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    return (user + nice + system + irq + softirq) / CLK_TCK
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 def self_cpu_seconds() -> float:
