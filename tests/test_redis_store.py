@@ -417,9 +417,12 @@ class SilentRedis:
         return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.read(4096):
-            self.asked.set()  # requests are taken, never answered
-        self.closed_by_peer.set()  # EOF: the client closed its side
+        try:
+            while await reader.read(4096):
+                self.asked.set()  # requests are taken, never answered
+        except ConnectionError:
+            pass  # a reset: closed too
+        self.closed_by_peer.set()  # the client closed its side
         writer.close()
 
 
