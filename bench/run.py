@@ -970,7 +970,8 @@ def run_target(
             )
             for phase, phase_params in params["phases"].items()
         }
-        ratios = PHASE_RATIOS.get(workload, lambda _: {})(phases)
+        ratios_of = PHASE_RATIOS.get(workload)
+        ratios = ratios_of(phases) if ratios_of is not None else {}
         out[workload] = {"phases": phases, "ratios": ratios}
     return out
 
