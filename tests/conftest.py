@@ -27,8 +27,8 @@ ServerFactory = Callable[..., Awaitable[MegaphoneServer]]
 # An async test (fixtures included) that is still running after this long is stuck: its tasks
 # are printed and cancelled, so it fails with a traceback and the run goes on. pytest-timeout
 # (pyproject) cannot do this on uvloop: its SIGALRM handler only runs once the loop wakes up,
-# which a loop with nothing scheduled never does. It stays the backstop, by thread, at 60 s.
-WATCHDOG_SECONDS = 40.0
+# which a loop with nothing scheduled never does. It stays the backstop, by thread, at 90 s.
+WATCHDOG_SECONDS = 45.0
 
 
 def pytest_asyncio_loop_factories(
