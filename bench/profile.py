@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # the benchmark's own starters and plan (beside this file)
 
 PROFILED = ("megaphone", "megaphone-redis", "nchan", "pushpin")
-
-
-def starters() -> dict[str, run.Starter]:
-    return {
-        "megaphone": run.start_megaphone,
-        "megaphone-redis": run.redis_starter(1),
-        "nchan": run.start_nchan,
-        "pushpin": run.start_pushpin,
-    }
 
 
 def perf_report(data: Path, sort: str, limit: int) -> list[tuple[float, str]]:
@@ -67,6 +59,20 @@ def perf_report(data: Path, sort: str, limit: int) -> list[tuple[float, str]]:
     return rows[:limit]
 
 
+def record_perf(pids: list[int], data: Path, warmup: float, seconds: float) -> None:
+    """Sample ``pids`` for ``seconds`` into ``data``, starting once the load generator has
+    connected and warmed up: the middle of its measured window."""
+    time.sleep(warmup + 1.5)
+    subprocess.run(
+        [
+            *("perf", "record", "-q", "-F", "499", "-g", "-o", str(data)),
+            *("-p", ",".join(str(pid) for pid in pids), "--", "sleep", str(seconds)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
 def profile(target: str, workload: str, duration: float) -> dict[str, Any]:
     plan = run.Plan(
         duration=duration,
@@ -82,50 +88,18 @@ def profile(target: str, workload: str, duration: float) -> dict[str, Any]:
         os.chmod(workdir, 0o755)
         started: list[run.Server] = []
         try:
-            deployment = starters()[target](workdir, server_args, started)
+            deployment = run.target_starters()[target](workdir, server_args, started)
             job = {**params, "workload": workload, "host": "127.0.0.1", **deployment.job()}
             pids = deployment.server_pids()
             if deployment.redis is not None:
                 pids += deployment.redis.pids
-            loadgen = subprocess.Popen(
-                [
-                    *run.pinned(run.LOADGEN_CPU),
-                    sys.executable,
-                    str(run.BENCH / "loadgen.py"),
-                    json.dumps(job),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            # the load generator connects, warms up (1 s), then measures ``duration``: sample
-            # the middle of that window
-            time.sleep(float(params.get("warmup_s", 1.0)) + 1.5)
             data = workdir / "perf.data"
             record = max(duration - 3.0, 2.0)
-            subprocess.run(
-                [
-                    "perf",
-                    "record",
-                    "-q",
-                    "-F",
-                    "499",
-                    "-g",
-                    "-o",
-                    str(data),
-                    "-p",
-                    ",".join(str(pid) for pid in pids),
-                    "--",
-                    "sleep",
-                    str(record),
-                ],
-                check=True,
-                capture_output=True,
-            )
-            stdout, stderr = loadgen.communicate(timeout=300)
-            if loadgen.returncode != 0:
-                raise RuntimeError(f"load generator failed: {stderr[-2000:]}")
-            result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+            with ThreadPoolExecutor(1) as pool:  # perf samples while the load runs
+                warmup = float(params.get("warmup_s", 1.0))
+                recording = pool.submit(record_perf, pids, data, warmup, record)
+                result = run.run_loadgen(job)
+                recording.result()  # perf's own failure, if any
             return {
                 "target": target,
                 "workload": workload,
@@ -139,28 +113,22 @@ def profile(target: str, workload: str, duration: float) -> dict[str, Any]:
                 run.stop(server)
 
 
-def fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.1f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return "—" if value is None else str(value)
-
-
 def render(found: dict[str, Any]) -> str:
     res = found["loadgen"]
+    figures = [
+        f"events delivered/s {run.fmt(res.get('delivered_per_s'), 1)}",
+        f"server CPU per 1,000 events {run.fmt(res.get('server_cpu_ms_per_1k_events'), 1)} ms",
+    ]
+    if res.get("redis_cpu_ms_per_1k_events") is not None:
+        figures.append(f"redis-server {run.fmt(res['redis_cpu_ms_per_1k_events'], 1)} ms")
+    figures.append(
+        f"load generator CPU {run.fmt(res.get('loadgen_cpu_pct'), 1)} % (perf's sampling included)"
+    )
     lines = [
         f"## {found['target']}, {found['workload']} workload "
         f"({found['recorded_s']:.0f} s of perf samples)",
         "",
-        f"events delivered/s {fmt(res.get('delivered_per_s'))} · server CPU per 1,000 events "
-        f"{fmt(res.get('server_cpu_ms_per_1k_events'))} ms"
-        + (
-            f" · redis-server {fmt(res['redis_cpu_ms_per_1k_events'])} ms"
-            if res.get("redis_cpu_ms_per_1k_events") is not None
-            else ""
-        )
-        + f" · load generator CPU {fmt(res.get('loadgen_cpu_pct'))} % (perf's sampling included)",
+        " · ".join(figures),
         "",
         "| share | process, library |",
         "|---|---|",

@@ -917,6 +917,17 @@ class Plan:
         return 5.0 + total / rate
 
 
+def target_starters() -> dict[str, Starter]:
+    """How each target is started (``profile.py`` starts them the same way)."""
+    return {
+        "megaphone": start_megaphone,
+        "megaphone-redis": redis_starter(1),
+        "megaphone-redis-2n": redis_starter(2),
+        "nchan": start_nchan,
+        "pushpin": start_pushpin,
+    }
+
+
 def run_loadgen(job: dict[str, Any]) -> dict[str, Any]:
     cmd = [*pinned(LOADGEN_CPU), sys.executable, str(BENCH / "loadgen.py"), json.dumps(job)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
@@ -2139,13 +2150,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped["pushpin"] = reason
             print(f"skipping pushpin: {reason}", file=sys.stderr)
     ran = [t for t in TARGETS if t in args.targets and t not in skipped]
-    starters: dict[str, Starter] = {
-        "megaphone": start_megaphone,
-        "megaphone-redis": redis_starter(1),
-        "megaphone-redis-2n": redis_starter(2),
-        "nchan": start_nchan,
-        "pushpin": start_pushpin,
-    }
+    starters = target_starters()
     passes: dict[str, list[dict[str, dict[str, Any]]]] = {t: [] for t in ran}
     gate = QuietGate(args.quiet_wait, total=QUIET_WAIT_TOTAL, retries=args.retry_noisy)
     for number in range(1, args.repeat + 1):
