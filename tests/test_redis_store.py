@@ -10,11 +10,14 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from megaphone.core.addressing import new_consumer_address
 from megaphone.core.events import make_event
 from megaphone.errors import StoreUnavailable
 from megaphone.metrics import Metrics
+from megaphone.store import resp
 from megaphone.store.redis import RedisStore, _Keys
 from megaphone.store.resp import CLIENT_NAME
 from support import RedisServer
@@ -436,5 +439,19 @@ async def test_a_connect_cancelled_during_its_setup_closes_the_connection() -> N
         async with asyncio.timeout(5):
             await silent.asked.wait()  # its setup commands are out, unanswered
         await store.aclose()
+        async with asyncio.timeout(5):
+            await silent.closed_by_peer.wait()
+
+
+async def test_a_connect_that_times_out_in_its_setup_closes_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The timeout is an early end too: a ``RedisConnectionError``, and the socket closed."""
+    monkeypatch.setattr(resp, "CONNECT_TIMEOUT", 0.2)
+    async with SilentRedis() as silent:
+        options = parse_url(silent.url)
+        with pytest.raises(RedisConnectionError, match="in time"):
+            await resp.connect(options, resp.RespProtocol, resp.CLIENT_NAME)
+        assert silent.asked.is_set()
         async with asyncio.timeout(5):
             await silent.closed_by_peer.wait()
