@@ -14,10 +14,14 @@ and its wire code, so the HTTP layer translates it once into ``{"code": ..., "me
     ├── BatchTooLarge         413 BATCH_TOO_LARGE
     ├── UriTooLong            414 URI_TOO_LONG
     ├── HeadersTooLarge       431 HEADERS_TOO_LARGE
+    ├── NotImplementedHere    501 NOT_IMPLEMENTED
+    ├── VersionNotSupported   505 HTTP_VERSION_NOT_SUPPORTED
     ├── WriteTimeout          503 TIMEOUT
     ├── Skipped               503 SKIPPED   (write-batch only, as a failure reason)
     ├── Unavailable           503 UNAVAILABLE
     │   └── StoreUnavailable  503 STORE_UNAVAILABLE
+    │   ├── ShuttingDown      503 SHUTTING_DOWN
+    │   └── Overloaded        503 OVERLOADED
     ├── ChannelLimit          503 CHANNEL_LIMIT
     └── InternalError         500 INTERNAL_SERVER_ERROR
 """
@@ -106,6 +110,26 @@ class StoreUnavailable(Unavailable):
     status, code, default_message = 503, "STORE_UNAVAILABLE", "the channel store is unreachable"
 
 
+class ShuttingDown(Unavailable):
+    status, code, default_message = 503, "SHUTTING_DOWN", "the server is shutting down"
+
+
+class Overloaded(Unavailable):
+    status, code, default_message = 503, "OVERLOADED", "the server is at a resource limit"
+
+
+class NotImplementedHere(MegaphoneError):
+    status, code, default_message = 501, "NOT_IMPLEMENTED", "not implemented"
+
+
+class VersionNotSupported(MegaphoneError):
+    status, code, default_message = (
+        505,
+        "HTTP_VERSION_NOT_SUPPORTED",
+        "only HTTP/1.0 and HTTP/1.1 are supported",
+    )
+
+
 class ChannelLimit(MegaphoneError):
     status, code, default_message = 503, "CHANNEL_LIMIT", "this node holds its maximum of channels"
 
@@ -124,12 +148,16 @@ __all__ = [
     "MegaphoneError",
     "MethodNotAllowed",
     "NotFound",
+    "NotImplementedHere",
+    "Overloaded",
     "PayloadTooLarge",
     "RequestTimeout",
+    "ShuttingDown",
     "Skipped",
     "StoreUnavailable",
     "Unauthorized",
     "Unavailable",
     "UriTooLong",
+    "VersionNotSupported",
     "WriteTimeout",
 ]
