@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import httpx
 
@@ -50,3 +51,40 @@ async def test_counters_and_histogram(server_factory: ServerFactory) -> None:
     ):
         assert f'megaphone_channel_duration_bucket{{le="{bucket}"}} 1.0' in text
     assert sample(text, "megaphone_channel_duration_count") == 1
+
+
+async def test_gc_pauses_by_generation(server_factory: ServerFactory) -> None:
+    """One process-wide ``gc.callbacks`` hook however many servers run: a forced collection is
+    counted once on every server's /metrics, and the hook goes with the last server."""
+    gen2_count = 'megaphone_gc_pause_seconds_count{generation="2"}'
+    gen2_longest = 'megaphone_gc_longest_pause_seconds{generation="2"}'
+    hooks = len(gc.callbacks)
+    first = await server_factory()
+    second = await server_factory()
+    assert len(gc.callbacks) == hooks + 1
+    gc.disable()  # only the forced collections below, so the counts are exact
+    try:
+        async with (
+            httpx.AsyncClient(base_url=base_url(first)) as one,
+            httpx.AsyncClient(base_url=base_url(second)) as two,
+        ):
+            before = sample((await one.get("/metrics")).text, gen2_count)
+            gc.collect()
+            text = (await one.get("/metrics")).text
+            assert sample(text, gen2_count) == before + 1
+            assert sample((await two.get("/metrics")).text, gen2_count) == before + 1
+            assert sample(text, gen2_longest) > 0
+            assert 'megaphone_gc_pause_seconds_bucket{generation="2",le="2.0"}' in text
+            for generation in "01":
+                assert f'megaphone_gc_longest_pause_seconds{{generation="{generation}"}}' in text
+            for histogram in ("megaphone_gc_pause_seconds", "megaphone_channel_duration"):
+                assert f"{histogram}_created" not in text
+            await first.aclose()
+            await first.aclose()  # closing twice gives back nothing more
+            assert len(gc.callbacks) == hooks + 1
+            gc.collect()
+            assert sample((await two.get("/metrics")).text, gen2_count) == before + 2
+    finally:
+        gc.enable()
+    await second.aclose()
+    assert len(gc.callbacks) == hooks

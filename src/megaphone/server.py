@@ -98,6 +98,7 @@ class MegaphoneServer:
         sock: socket.socket = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self._sweeper = loop.create_task(self.broker.run_sweeper())
+        self.metrics.watch_gc()
         log.info(
             "megaphone listening",
             extra={"address": f"{host}:{self.port}", "agents": ",".join(self.settings.agents)},
@@ -108,6 +109,7 @@ class MegaphoneServer:
         if self._closed:
             return
         self._closed = True
+        self.metrics.unwatch_gc()
         if grace is None:
             grace = self.settings.shutdown_grace_millis / 1000
         self.http.shutting_down = True
