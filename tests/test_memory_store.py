@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
+import orjson
 import pytest
 
 from megaphone.core.addressing import ChannelKey, new_consumer_address
-from megaphone.core.events import make_event
+from megaphone.core.events import EVENT_OVERHEAD, make_event
 from megaphone.errors import Busy, NotFound, WriteTimeout
 from megaphone.metrics import Metrics
 from megaphone.store.base import ResumeStatus, Subscription
@@ -27,12 +29,16 @@ class Sink:
         self.lines: list[bytes] = []
         self.writable = True
         self.ended = False
+        self.window_ended = False
 
     def deliver(self, lines: list[bytes]) -> None:
         self.lines.extend(lines)
 
     def end(self) -> None:
         self.ended = True
+
+    def window_full(self) -> None:
+        self.window_ended = True
 
 
 @pytest.fixture
@@ -184,8 +190,6 @@ async def test_counts_and_listing(store: MemoryStore) -> None:
 
 
 def eids(sink: Sink) -> list[str]:
-    import orjson
-
     return [orjson.loads(line)["eid"] for line in sink.lines]
 
 
@@ -224,23 +228,139 @@ async def test_replay_window_is_separate_from_the_buffer(store: MemoryStore) -> 
         await store.write(key, make_event("s", 10 + n), 0)
 
 
-async def test_unknown_cursor_is_flagged_and_window_sent(clock: FakeClock) -> None:
+async def test_a_read_delivers_one_window_then_ends(clock: FakeClock) -> None:
     store = MemoryStore(metrics=Metrics(), capacity=10, replay_size=2, clock=clock)
     _, key = await new_channel(store)
     sink = Sink()
     subscription = await open_read(store, key, sink)
     for n in range(4):
         await store.write(key, make_event("s", n), 0)
+    # two unconfirmed events fill the window: the read must end, the rest stays pending
+    assert len(sink.lines) == 2
+    assert sink.window_ended
     subscription.close()
-    oldest = eids(sink)[0]  # fell out of the two-event window
+    # the connection broke after the first event: everything after it is still there
     again = Sink()
-    subscription = await open_read(store, key, again, after=oldest)
-    assert subscription.status is ResumeStatus.UNKNOWN
-    assert eids(again) == eids(sink)[2:]
+    subscription = await open_read(store, key, again, after=eids(sink)[0])
+    assert subscription.status is ResumeStatus.RESUMED
+    assert eids(again) == [*eids(sink)[1:], *eids(again)[1:]]
+    assert [orjson.loads(line)["body"] for line in again.lines] == [1, 2]
+    assert again.window_ended  # event 1 (replayed) and 2 fill the window again
+    subscription.close()
+    last = Sink()
+    subscription = await open_read(store, key, last, after=eids(again)[-1])
+    assert [orjson.loads(line)["body"] for line in last.lines] == [3]
+    assert not last.window_ended
+
+
+async def test_the_window_is_bounded_by_bytes_too(clock: FakeClock) -> None:
+    size = len(make_event("s", "x" * 100).line) + EVENT_OVERHEAD
+    store = MemoryStore(
+        metrics=Metrics(), capacity=10, replay_size=100, replay_bytes=3 * size, clock=clock
+    )
+    _, key = await new_channel(store)
+    sink = Sink()
+    await open_read(store, key, sink)
+    for _ in range(5):
+        await store.write(key, make_event("s", "x" * 100), 0)
+    assert len(sink.lines) == 3
+    assert sink.window_ended
+
+
+async def test_unknown_cursor_is_flagged_and_window_sent(store: MemoryStore) -> None:
+    _, key = await new_channel(store)
+    sink = Sink()
+    subscription = await open_read(store, key, sink)
+    for n in range(2):
+        await store.write(key, make_event("s", n), 0)
     subscription.close()
     foreign = Sink()
     subscription = await open_read(store, key, foreign, after="not-an-eid-of-this-channel")
     assert subscription.status is ResumeStatus.UNKNOWN
+    assert eids(foreign) == eids(sink)  # the whole unconfirmed window
+    subscription.close()
+    plain = Sink()
+    subscription = await open_read(store, key, plain)  # no cursor: confirms the window
+    subscription.close()
+    stale = Sink()
+    subscription = await open_read(store, key, stale, after=eids(sink)[0])
+    assert subscription.status is ResumeStatus.UNKNOWN
+    assert stale.lines == []
+
+
+async def test_channel_buffer_is_bounded_by_bytes(clock: FakeClock) -> None:
+    size = len(make_event("s", "x" * 1000).line) + EVENT_OVERHEAD
+    store = MemoryStore(metrics=Metrics(), capacity=100, capacity_bytes=2 * size, clock=clock)
+    _, key = await new_channel(store)
+    await store.write(key, make_event("s", "x" * 1000), 0)
+    await store.write(key, make_event("s", "x" * 1000), 0)
+    with pytest.raises(WriteTimeout, match="bytes"):
+        await store.write(key, make_event("s", "x" * 1000), 0)
+    # one event always fits an empty buffer, whatever its size
+    _, other = await new_channel(store)
+    await store.write(other, make_event("s", "x" * 10_000), 0)
+
+
+async def test_node_budget_makes_writers_wait_until_bytes_are_released(clock: FakeClock) -> None:
+    size = len(make_event("s", 0).line) + EVENT_OVERHEAD
+    store = MemoryStore(metrics=Metrics(), capacity=100, budget_bytes=3 * size, clock=clock)
+    _, a = await new_channel(store)
+    _, b = await new_channel(store)
+    for n in range(3):
+        await store.write(a, make_event("s", n), 0)
+    assert store.budget.used == 3 * size
+    with pytest.raises(WriteTimeout, match="budget"):
+        await store.write(b, make_event("s", 9), 0)
+    waiting = asyncio.create_task(store.write(b, make_event("s", 9), 5))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    # a reader of a takes the three events: still unconfirmed, still held
+    sink = Sink()
+    subscription = await open_read(store, a, sink)
+    assert len(sink.lines) == 3
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    subscription.close()
+    # the next read's cursor confirms them: the bytes go back and b's writer gets in
+    await open_read(store, a, Sink(), after=eids(sink)[-1])
+    await waiting
+    assert store.budget.used == size
+    assert await store.delete(b)
+    assert store.budget.used == 0
+
+
+async def test_resume_off_keeps_nothing(clock: FakeClock) -> None:
+    store = MemoryStore(metrics=Metrics(), capacity=10, replay_size=0, clock=clock)
+    _, key = await new_channel(store)
+    sink = Sink()
+    await open_read(store, key, sink)
+    for n in range(20):
+        await store.write(key, make_event("s", n), 0)
+    assert len(sink.lines) == 20
+    assert not sink.window_ended
+    assert store.budget.used == 0
+
+
+async def test_an_idle_channel_is_one_object_for_the_gc(store: MemoryStore) -> None:
+    _, key = await new_channel(store)
+    channel = store._channels[key]
+    gc.collect()  # tuples of untracked values are untracked by a collection (nested: twice)
+    gc.collect()
+    tracked = [
+        getattr(channel, name)
+        for name in channel.__slots__
+        if gc.is_tracked(getattr(channel, name)) and name != "store"
+    ]
+    assert tracked == []
+    assert not any(gc.is_tracked(entry) for entry in store._deadlines)
+    sink = Sink()
+    subscription = await open_read(store, key, sink)
+    await store.write(key, make_event("s", 1), 0)
+    subscription.close()
+    await open_read(store, key, Sink(), after=eids(sink)[-1])
+    assert channel.pending is None
+    assert channel.sent is None
+    assert channel.waiters is None
 
 
 async def test_no_cursor_means_no_replay(store: MemoryStore) -> None:

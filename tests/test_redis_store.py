@@ -29,12 +29,16 @@ class Sink:
     def __init__(self) -> None:
         self.lines: list[bytes] = []
         self.ended = False
+        self.window_ended = False
 
     def deliver(self, lines: list[bytes]) -> None:
         self.lines.extend(lines)
 
     def end(self) -> None:
         self.ended = True
+
+    def window_full(self) -> None:
+        self.window_ended = True
 
 
 @pytest.fixture(params=["resp", "redis-py"])

@@ -143,21 +143,85 @@ async def test_header_wins_over_query(server: MegaphoneServer) -> None:
 
 
 async def test_unknown_cursor_is_never_silent(server_factory: ServerFactory) -> None:
-    node = await server_factory(replay_window_size=2, poll_duration_millis=300)
+    node = await server_factory(poll_duration_millis=300)
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         channel = await create_channel(http)
-        await write_all(http, channel["producerAddress"], range(4))
-        events = await read_events(http, channel["consumerAddress"], 4)
-        reply = await http.get(
-            f"/read/{channel['consumerAddress']}", headers={"Last-Event-ID": events[0]["eid"]}
-        )
+        consumer = channel["consumerAddress"]
+        await write_all(http, channel["producerAddress"], range(2))
+        events = await read_events(http, consumer, 2)
+        reply = await http.get(f"/read/{consumer}", headers={"Last-Event-ID": "someone-elses"})
         assert reply.headers["megaphone-resume"] == "unknown-cursor"
-        assert [orjson.loads(x)["body"] for x in reply.content.splitlines()] == [2, 3]
-        found = await http.get(
-            f"/read/{channel['consumerAddress']}", params={"after": events[2]["eid"]}
-        )
+        assert [orjson.loads(x)["body"] for x in reply.content.splitlines()] == [0, 1]
+        found = await http.get(f"/read/{consumer}", params={"after": events[0]["eid"]})
         assert found.headers["megaphone-resume"] == "resumed"
-        assert [orjson.loads(x)["body"] for x in found.content.splitlines()] == [3]
+        assert [orjson.loads(x)["body"] for x in found.content.splitlines()] == [1]
+        # a read without a cursor confirmed the window: its events cannot be named any more
+        await http.get(f"/read/{consumer}")
+        gone = await http.get(f"/read/{consumer}", params={"after": events[1]["eid"]})
+        assert gone.headers["megaphone-resume"] == "unknown-cursor"
+        assert gone.content == b""
+
+
+async def test_a_read_ends_after_a_full_window(server_factory: ServerFactory) -> None:
+    node = await server_factory(replay_window_size=3, poll_duration_millis=10_000)
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        channel = await create_channel(http)
+        await write_all(http, channel["producerAddress"], range(5))
+        # the read does not wait for its 10 s window: three unconfirmed events fill it
+        first = await http.get(f"/read/{channel['consumerAddress']}")
+        assert [orjson.loads(x)["body"] for x in first.content.splitlines()] == [0, 1, 2]
+        last = orjson.loads(first.content.splitlines()[-1])["eid"]
+        async with http.stream(
+            "GET", f"/read/{channel['consumerAddress']}", headers={"Last-Event-ID": last}
+        ) as reply:
+            assert reply.headers["megaphone-resume"] == "resumed"
+            line = await anext(reply.aiter_lines())
+        assert orjson.loads(line)["body"] == 3
+
+
+async def test_slow_reader_cut_and_resumed_loses_nothing(server_factory: ServerFactory) -> None:
+    """The issue's scenario: a reader slower than the writer is cut (reset) several times and
+    resumes from its last eid; every acknowledged event arrives, whatever its socket held."""
+    node = await server_factory(poll_duration_millis=2000, write_timeout_millis=30_000)
+    total, size = 3000, 2000
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=60) as http:
+        channel = await create_channel(http)
+        written: list[int] = []
+
+        async def writer() -> None:
+            for n in range(total):
+                reply = await http.post(
+                    f"/write/{channel['producerAddress']}/s", json={"n": n, "pad": "x" * size}
+                )
+                assert reply.status_code == 201, reply.text
+                written.append(n)
+
+        task = asyncio.create_task(writer())
+        seen: list[int] = []
+        last: str | None = None
+        cuts = 0
+        while len(seen) < total:
+            try:
+                raw = await RawReader.open(node, channel["consumerAddress"], after=last)
+            except Refused:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                for _ in range(200):
+                    await asyncio.sleep(0.001)  # slow: the kernel buffers fill up meanwhile
+                    await asyncio.wait_for(raw.read_event(), 5)
+                    for event in raw.events:
+                        if not seen or event["body"]["n"] > seen[-1]:
+                            seen.append(event["body"]["n"])
+                        last = event["eid"]
+                    raw.events.clear()
+            except (EOFError, asyncio.IncompleteReadError):
+                pass  # the window ended: reconnect
+            raw.kill()
+            cuts += 1
+        await task
+    assert cuts > 3
+    assert seen == written  # every acknowledged event, once, in order
 
 
 async def test_replay_window_is_a_setting_and_can_be_off(server_factory: ServerFactory) -> None:

@@ -31,7 +31,9 @@ def build_store(settings: Settings, metrics: Metrics) -> ChannelStore:
             metrics=metrics,
             prefix=settings.redis_prefix,
             capacity=settings.channel_buffer_size,
+            capacity_bytes=settings.channel_buffer_bytes,
             replay_size=settings.replay_window_size,
+            replay_bytes=settings.replay_window_bytes,
             ttl=settings.channel_ttl_millis / 1000,
             lease=(settings.poll_duration_millis + settings.redis_lease_margin_millis) / 1000,
             poll=settings.redis_poll_millis / 1000,
@@ -41,7 +43,10 @@ def build_store(settings: Settings, metrics: Metrics) -> ChannelStore:
     return MemoryStore(
         metrics=metrics,
         capacity=settings.channel_buffer_size,
+        capacity_bytes=settings.channel_buffer_bytes,
         replay_size=settings.replay_window_size,
+        replay_bytes=settings.replay_window_bytes,
+        budget_bytes=settings.max_pending_bytes,
         ttl=settings.channel_ttl_millis / 1000,
     )
 

@@ -30,6 +30,7 @@ log = logging.getLogger("megaphone.broker")
 
 PROTOCOL_NDJSON = "HTTP_STREAM_NDJSON_V1"
 SUPPORTED_PROTOCOLS: tuple[str, ...] = (PROTOCOL_NDJSON,)
+MAX_ADDRESS_LENGTH = 512  # longer than any address this broker mints (agent names aside)
 
 
 class Broker:
@@ -107,10 +108,21 @@ class Broker:
             raise BatchTooLarge(
                 f"{len(channels)} channels; at most {self.settings.max_batch_channels} per batch"
             )
+        unique = list(dict.fromkeys(channels))
+        # the answer lists at most one failure per (channel, message): bounding the product and
+        # the length of a channel string bounds the answer, checked before any work
+        writes = len(unique) * len(messages)
+        if writes > self.settings.max_batch_writes:
+            raise BatchTooLarge(
+                f"{len(unique)} channels x {len(messages)} messages = {writes} writes; at most "
+                f"{self.settings.max_batch_writes} per batch"
+            )
+        for channel in unique:
+            if len(channel) > MAX_ADDRESS_LENGTH:
+                raise BadRequest(f"channel address longer than {MAX_ADDRESS_LENGTH} characters")
         for stream_id, _ in messages:
             self.check_stream_id(stream_id)
         events = [make_event(stream_id, body) for stream_id, body in messages]
-        unique = list(dict.fromkeys(channels))
         results = await asyncio.gather(*(self._write_all(c, events) for c in unique))
         return [failure for failures in results for failure in failures]
 

@@ -18,6 +18,9 @@ import orjson
 from megaphone.errors import BadRequest
 
 EVENT_ID_LENGTH = 23
+# what a buffered event costs besides its serialised line (the Event tuple, its eid, the bytes
+# object's header, a queue slot): memory budgets count ``len(line) + EVENT_OVERHEAD`` per event
+EVENT_OVERHEAD = 160
 _ALNUM = (string.ascii_letters + string.digits).encode("ascii")
 # bytes 0..247 map onto the 62 alphanumerics without bias (248 = 4 * 62); 248..255 are dropped.
 _TABLE = bytes(_ALNUM[i % 62] for i in range(248)) + bytes(range(248, 256))

@@ -217,6 +217,9 @@ class NdjsonStream:
     def end(self) -> None:
         self.finish()
 
+    def window_full(self) -> None:
+        self.finish()  # the client reconnects with its cursor, which confirms the window
+
     def finish(self) -> None:
         """End the read cleanly (window over, channel deleted, or shutdown)."""
         if self.done:

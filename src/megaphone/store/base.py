@@ -1,11 +1,13 @@
 """The channel store interface.
 
 A store keeps channels (pending events, the replay window of sent events, the reader lease,
-expiry). The read transports (NDJSON now; SSE, WebSocket and long-poll later) are thin
-:class:`ReadSink` implementations: a read attaches (takes the lease and settles its resume cursor),
-starts (replayed events first, then pending ones), and from then on the store pushes whole
-serialised events into the sink while the sink is writable; the sink tells the store when it can
-take more (:meth:`Subscription.resume`). Delivery therefore only moves bytes.
+expiry). Sent events stay in the window until a later read confirms them; a read delivers only what
+fits the window and then ends (:meth:`ReadSink.window_full`), so a broken connection never holds
+more than the window can replay. The read transports (NDJSON now; SSE, WebSocket and long-poll
+later) are thin :class:`ReadSink` implementations: a read attaches (takes the lease and settles its
+resume cursor), starts (replayed events first, then pending ones), and from then on the store
+pushes whole serialised events into the sink while the sink is writable; the sink tells the store
+when it can take more (:meth:`Subscription.resume`). Delivery therefore only moves bytes.
 
 Errors are raised from :mod:`megaphone.errors` (``NotFound``, ``Busy``, ``WriteTimeout``), so the
 layers above translate them once.
@@ -37,6 +39,12 @@ class ReadSink(Protocol):
 
     def end(self) -> None:
         """The channel is gone: finish the read."""
+        ...
+
+    def window_full(self) -> None:
+        """The replay window holds as many unconfirmed events as it may: finish the read, so
+        that the client reconnects and its cursor confirms what it received. Nothing more is
+        delivered to this sink meanwhile."""
         ...
 
 

@@ -3,6 +3,23 @@
 Delivery is push-based: a write into a channel whose reader is writable goes straight into the
 reader's transport, with no task and no copy. Expiry keeps a heap of deadlines, so a sweep costs in
 proportion to what expires, not to what exists.
+
+Memory is bounded three ways (issue #9):
+
+* per channel, ``capacity`` pending events and ``capacity_bytes`` of them (one event always fits an
+  empty buffer); a write past either waits for room like a write into a full buffer;
+* per channel, the replay window: events sent to a reader stay until a later read's cursor (or a
+  read without one) confirms them. A read delivers while the unconfirmed events fit the window
+  (``window_size`` events, ``window_bytes``), then the store asks its sink to end
+  (:meth:`ReadSink.window_full`) so that the client reconnects and confirms what it got. Whatever
+  the client's connection held in flight when it broke is therefore still in the window: a reader
+  that resumes with its last ``eid`` loses nothing, however slowly it reads;
+* per node, :class:`Budget`: pending and unconfirmed events of every channel together
+  (``max_pending_bytes``); a write past it waits for room too.
+
+Each event counts its serialised size plus :data:`EVENT_OVERHEAD` (the objects that hold it), so the
+budgets follow what the process really holds. An idle channel is one object tracked by the cyclic
+GC: its queues exist only while they hold something.
 """
 
 from __future__ import annotations
@@ -14,138 +31,272 @@ from collections import deque
 from collections.abc import Callable
 
 from megaphone.core.addressing import ChannelKey
-from megaphone.core.events import Event
+from megaphone.core.events import EVENT_OVERHEAD, Event
 from megaphone.errors import Busy, ChannelLimit, NotFound, WriteTimeout
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
 
+ROOM, CHANNEL_FULL, BUDGET_FULL = 0, 1, 2
+# a channel's key as stored: a plain (agent, digest) tuple. It hashes and compares like the
+# ChannelKey it comes from, but the cyclic GC stops tracking it (it never untracks a named tuple),
+# so neither the key nor the expiry heap's entries cost a full collection anything
+Key = tuple[str, bytes]
+
+
+class Budget:
+    """Bytes of pending and unconfirmed events held by every channel of a store together."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
 
 class _Waiter:
-    __slots__ = ("event", "future", "timer")
+    __slots__ = ("event", "future", "size", "timer")
 
-    def __init__(self, event: Event, future: asyncio.Future[None]) -> None:
+    def __init__(self, event: Event, size: int, future: asyncio.Future[None]) -> None:
         self.event = event
+        self.size = size
         self.future = future
         self.timer: asyncio.TimerHandle | None = None
+
+
+def _size(event: Event) -> int:
+    return len(event.line) + EVENT_OVERHEAD
 
 
 class MemoryChannel:
     __slots__ = (
         "address",
-        "capacity",
         "confirmed",
         "created_at",
         "expires_at",
         "key",
-        "metrics",
         "pending",
+        "pending_bytes",
         "reader",
         "replay",
         "sent",
+        "sent_bytes",
         "sink",
+        "store",
         "waiters",
     )
 
-    def __init__(
-        self,
-        key: ChannelKey,
-        address: str,
-        capacity: int,
-        replay_size: int,
-        now: float,
-        ttl: float,
-        metrics: Metrics,
-    ) -> None:
+    def __init__(self, store: MemoryStore, key: Key, address: str, now: float) -> None:
+        self.store = store
         self.key = key
         self.address = address
-        self.capacity = capacity
         self.created_at = now
-        self.expires_at = now + ttl
-        self.metrics = metrics
-        self.pending: deque[Event] = deque()
-        self.waiters: deque[_Waiter] = deque()
-        # sent but not yet confirmed by a later read's cursor: the replay window
-        self.sent: deque[Event] = deque(maxlen=replay_size)
+        self.expires_at = now + store.ttl
+        # the queues exist only while they hold something: an idle channel is one object
+        self.pending: deque[Event] | None = None
+        self.pending_bytes = 0
+        self.waiters: deque[_Waiter] | None = None
+        # sent, not yet confirmed by a later read: the replay window
+        self.sent: deque[Event] | None = None
+        self.sent_bytes = 0
         self.confirmed: str | None = None  # the newest eid a cursor confirmed
-        self.replay: list[Event] = []  # to re-send when the attached reader starts
+        self.replay: list[Event] | None = None  # to re-send when the attached reader starts
         self.reader: ReadSink | None = None  # holds the lease from attach to close
         self.sink: ReadSink | None = None  # receives events once started
 
+    # --- room ----------------------------------------------------------------------------------
+
+    def room(self, size: int) -> int:
+        """ROOM if an event of ``size`` bytes can be buffered now, else what is full."""
+        store = self.store
+        pending = self.pending
+        if pending and (
+            len(pending) >= store.capacity or self.pending_bytes + size > store.capacity_bytes
+        ):
+            return CHANNEL_FULL
+        budget = store.budget
+        if budget.used + size > budget.limit:
+            return BUDGET_FULL
+        return ROOM
+
+    def _fits(self, size: int) -> bool:
+        """Whether one more sent event fits the replay window (one always fits an empty one)."""
+        sent = self.sent
+        if not sent:
+            return True
+        store = self.store
+        return len(sent) < store.window_size and self.sent_bytes + size <= store.window_bytes
+
+    def _window_full(self) -> bool:
+        sent = self.sent
+        return sent is not None and len(sent) >= self.store.window_size
+
+    def _retain(self, event: Event, size: int) -> None:
+        """``event`` was sent: keep it until confirmed (or let it go when resume is off)."""
+        if self.store.window_size:
+            sent = self.sent
+            if sent is None:
+                sent = self.sent = deque()
+            sent.append(event)
+            self.sent_bytes += size
+        else:
+            self.store.budget.used -= size
+
+    def confirm(self, count: int) -> None:
+        """Drop the ``count`` oldest sent events: the client has them."""
+        sent = self.sent
+        if sent is None or not count:
+            return
+        released = 0
+        for _ in range(count):
+            released += _size(sent.popleft())
+        self.sent_bytes -= released
+        self.store.budget.used -= released
+        if not sent:
+            self.sent = None
+
+    # --- writing and delivery ----------------------------------------------------------------
+
     def offer(self, event: Event) -> bool:
         """Accept ``event`` if there is room and nobody is queued before it."""
-        if self.waiters or len(self.pending) >= self.capacity:
+        if self.waiters:
             return False
-        self.metrics.messages_received += 1
+        size = len(event.line) + EVENT_OVERHEAD
+        if self.room(size) != ROOM:
+            return False
+        store = self.store
+        store.metrics.messages_received += 1
+        store.budget.used += size
         sink = self.sink
-        if sink is not None and sink.writable and not self.pending and not self.replay:
-            self.metrics.messages_read += 1
-            self.sent.append(event)
+        if (
+            sink is not None
+            and not self.pending
+            and not self.replay
+            and sink.writable
+            and self._fits(size)
+        ):
+            store.metrics.messages_read += 1
+            self._retain(event, size)
             sink.deliver([event.line])
-        else:
-            self.pending.append(event)
-            if sink is not None and sink.writable:
-                self.flush()
+            if self._window_full() and self.sink is sink:
+                sink.window_full()
+            return True
+        self._buffer(event, size)
+        if sink is not None and sink.writable:
+            self.flush()
         return True
 
+    def _buffer(self, event: Event, size: int) -> None:
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = deque()
+        pending.append(event)
+        self.pending_bytes += size
+
     def flush(self) -> None:
-        """Replay, then move pending events (then queued writers) into the sink while writable."""
+        """Replay, then move pending events (then queued writers) into the sink while it is
+        writable and the replay window has room; a full window ends the read."""
         sink = self.sink
-        if sink is not None and self.replay and sink.writable:
+        if sink is None:
+            return
+        metrics = self.store.metrics
+        if self.replay and sink.writable:
             lines = [event.line for event in self.replay]
-            self.replay = []
-            self.metrics.messages_replayed += len(lines)
+            self.replay = None
+            metrics.messages_replayed += len(lines)
             sink.deliver(lines)
-            sink = self.sink
-        while sink is not None and sink.writable and self.pending:
-            events = list(self.pending)
-            self.pending.clear()
-            self.sent.extend(events)
-            self._admit_waiters()
-            self.metrics.messages_read += len(events)
-            sink.deliver([event.line for event in events])
-            sink = self.sink
+            if self.sink is not sink:
+                return
+        pending = self.pending
+        while pending and sink.writable:
+            lines = []
+            while pending:
+                event = pending[0]
+                size = len(event.line) + EVENT_OVERHEAD
+                if not self._fits(size):
+                    break
+                pending.popleft()
+                self.pending_bytes -= size
+                self._retain(event, size)
+                lines.append(event.line)
+            if not lines:  # the window is full of unconfirmed events: the client must confirm
+                sink.window_full()
+                return
+            metrics.messages_read += len(lines)
+            self._admit_waiters()  # room freed in the buffer
+            sink.deliver(lines)
+            if self.sink is not sink:
+                return
+        if pending is not None and not pending and self.pending is pending:
+            self.pending = None
         self._admit_waiters()
+        if self._window_full() and self.sink is sink:
+            sink.window_full()
 
     def _admit_waiters(self) -> None:
-        while self.waiters and len(self.pending) < self.capacity:
-            waiter = self.waiters.popleft()
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters[0]
+            room = self.room(waiter.size)
+            if room != ROOM:
+                if room == BUDGET_FULL:
+                    self.store.starved[self] = None
+                return
+            waiters.popleft()
             if waiter.timer is not None:
                 waiter.timer.cancel()
-            self.pending.append(waiter.event)
-            self.metrics.messages_received += 1
+            self.store.budget.used += waiter.size
+            self._buffer(waiter.event, waiter.size)
+            self.store.metrics.messages_received += 1
             if not waiter.future.done():
                 waiter.future.set_result(None)
+        self.waiters = None
+
+    # --- readers -----------------------------------------------------------------------------
 
     def settle_cursor(self, after: str | None) -> ResumeStatus:
-        """Confirm the events up to ``after`` and queue the later sent ones for replay."""
+        """Confirm the events up to ``after`` and queue the later sent ones for replay. A read
+        without a cursor cannot resume: it confirms every event sent before it."""
+        sent = self.sent
         if after is None:
-            self.replay = []
+            self.replay = None
+            if sent:
+                self.confirm(len(sent))
             return ResumeStatus.NONE
-        for index, event in enumerate(self.sent):
-            if event.eid == after:
-                for _ in range(index + 1):
-                    self.sent.popleft()
-                self.confirmed = after
-                self.replay = list(self.sent)
-                return ResumeStatus.RESUMED
-        self.replay = list(self.sent)
+        if sent:
+            for index, event in enumerate(sent):
+                if event.eid == after:
+                    self.confirm(index + 1)
+                    self.confirmed = after
+                    self.replay = list(self.sent) if self.sent else None
+                    return ResumeStatus.RESUMED
+        self.replay = list(sent) if sent else None
         return ResumeStatus.RESUMED if after == self.confirmed else ResumeStatus.UNKNOWN
 
-    def release(self, reader: ReadSink, now: float, ttl: float) -> bool:
+    def release(self, reader: ReadSink, now: float) -> bool:
         if self.reader is not reader:
             return False
         self.reader = self.sink = None
-        self.replay = []
-        self.expires_at = now + ttl
+        self.replay = None
+        self.expires_at = now + self.store.ttl
         return True
 
-    def fail_waiters(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
+    def drop(self) -> int:
+        """The channel is deleted: fail queued writers, release its bytes; the events lost."""
+        lost = len(self.pending or ()) + len(self.waiters or ())
+        self.store.budget.used -= self.pending_bytes + self.sent_bytes
+        self.pending = self.sent = None
+        self.pending_bytes = self.sent_bytes = 0
+        self.fail_waiters(NotFound("channel deleted"))
+        return lost
+
+    def fail_waiters(self, error: Exception) -> None:
+        waiters, self.waiters = self.waiters, None
+        while waiters:
+            waiter = waiters.popleft()
             if waiter.timer is not None:
                 waiter.timer.cancel()
             if not waiter.future.done():
-                waiter.future.set_exception(NotFound("channel deleted"))
+                waiter.future.set_exception(error)
 
 
 class _MemorySubscription:
@@ -185,19 +336,27 @@ class MemoryStore(ChannelStore):
         *,
         metrics: Metrics,
         capacity: int = 100,
-        replay_size: int = 100,
+        capacity_bytes: int = 1 << 20,
+        replay_size: int = 1000,
+        replay_bytes: int = 1 << 20,
+        budget_bytes: int = 256 << 20,
         ttl: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.metrics = metrics
         self.capacity = capacity
-        self.replay_size = replay_size
+        self.capacity_bytes = capacity_bytes
+        self.window_size = replay_size
+        self.window_bytes = replay_bytes
+        self.budget = Budget(budget_bytes)
         self.ttl = ttl
         self.clock = clock
-        self._channels: dict[ChannelKey, MemoryChannel] = {}
-        self._deadlines: list[tuple[float, int, ChannelKey]] = []
+        self._channels: dict[Key, MemoryChannel] = {}
+        self._deadlines: list[tuple[float, int, Key]] = []
         self._seq = 0
         self._per_agent: dict[str, int] = {}
+        # channels whose queued writers wait for the node's budget, in arrival order
+        self.starved: dict[MemoryChannel, None] = {}
 
     def _schedule(self, channel: MemoryChannel) -> None:
         self._seq += 1
@@ -206,16 +365,8 @@ class MemoryStore(ChannelStore):
     async def create(self, key: ChannelKey, consumer_address: str, limit: int) -> None:
         if len(self._channels) >= limit:
             raise ChannelLimit(f"this node holds its maximum of {limit} channels")
-        channel = MemoryChannel(
-            key,
-            consumer_address,
-            self.capacity,
-            self.replay_size,
-            self.clock(),
-            self.ttl,
-            self.metrics,
-        )
-        self._channels[key] = channel
+        channel = MemoryChannel(self, (key.agent, key.digest), consumer_address, self.clock())
+        self._channels[channel.key] = channel
         self._per_agent[key.agent] = self._per_agent.get(key.agent, 0) + 1
         self._schedule(channel)
         self.metrics.channel_created += 1
@@ -240,59 +391,95 @@ class MemoryStore(ChannelStore):
         if self.write_now(key, event):
             return
         channel = self._channels[key]
+        size = _size(event)
         if wait <= 0:
-            raise WriteTimeout(f"channel buffer full ({channel.capacity} events)")
+            raise self._full(channel, size)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(event, loop.create_future())
+        waiter = _Waiter(event, size, loop.create_future())
         waiter.timer = loop.call_later(wait, self._expire_waiter, channel, waiter)
+        if channel.waiters is None:
+            channel.waiters = deque()
         channel.waiters.append(waiter)
+        if len(channel.waiters) == 1:
+            channel._admit_waiters()  # notes a wait for the node's budget
         try:
             await waiter.future
         finally:
             if not waiter.future.done() or waiter.future.cancelled():
                 waiter.timer.cancel()
-                if waiter in channel.waiters:
+                if channel.waiters and waiter in channel.waiters:
                     channel.waiters.remove(waiter)
 
+    def _full(self, channel: MemoryChannel, size: int) -> WriteTimeout:
+        if channel.room(size) == BUDGET_FULL:
+            return WriteTimeout(
+                f"this node's budget for buffered events ({self.budget.limit} bytes) stayed full"
+            )
+        return WriteTimeout(
+            f"channel buffer stayed full ({self.capacity} events or {self.capacity_bytes} bytes)"
+        )
+
     def _expire_waiter(self, channel: MemoryChannel, waiter: _Waiter) -> None:
-        if waiter.future.done():
+        if waiter.future.done() or not channel.waiters:
             return
         try:
             channel.waiters.remove(waiter)
         except ValueError:
             return
-        waiter.future.set_exception(
-            WriteTimeout(f"channel buffer stayed full ({channel.capacity} events)")
-        )
+        waiter.future.set_exception(self._full(channel, waiter.size))
+
+    def admit_starved(self) -> None:
+        """Bytes were released: admit writers that waited for the node's budget, in order."""
+        starved = self.starved
+        budget = self.budget
+        while starved and budget.used < budget.limit:
+            channel = next(iter(starved))
+            del starved[channel]
+            if self._channels.get(channel.key) is not channel:
+                continue
+            channel._admit_waiters()
+            if channel.sink is not None and channel.sink.writable:
+                channel.flush()
+            if channel in starved:
+                break  # its next writer still does not fit
 
     async def attach(self, key: ChannelKey, sink: ReadSink, after: str | None) -> Subscription:
         channel = self._get(key)
         if channel.reader is not None:
             raise Busy("channel already has a reader")
         channel.reader = sink
-        return _MemorySubscription(self, channel, sink, channel.settle_cursor(after))
+        status = channel.settle_cursor(after)
+        if self.starved:
+            self.admit_starved()
+        return _MemorySubscription(self, channel, sink, status)
 
     def _detach(self, channel: MemoryChannel, sink: ReadSink) -> None:
-        if (
-            channel.release(sink, self.clock(), self.ttl)
-            and self._channels.get(channel.key) is channel
-        ):
+        if channel.release(sink, self.clock()) and self._channels.get(channel.key) is channel:
             self._schedule(channel)
 
     def _remove(self, channel: MemoryChannel) -> None:
         del self._channels[channel.key]
-        left = self._per_agent.get(channel.key.agent, 1) - 1
+        left = self._per_agent.get(channel.key[0], 1) - 1
         if left:
-            self._per_agent[channel.key.agent] = left
+            self._per_agent[channel.key[0]] = left
         else:
-            self._per_agent.pop(channel.key.agent, None)
+            self._per_agent.pop(channel.key[0], None)
+        self.starved.pop(channel, None)
         self.metrics.channel_disposed += 1
-        self.metrics.messages_lost += len(channel.pending) + len(channel.waiters)
+        self.metrics.messages_lost += channel.drop()
         self.metrics.channel_duration.observe(self.clock() - channel.created_at)
-        channel.fail_waiters()
         reader, channel.reader, channel.sink = channel.reader, None, None
         if reader is not None:
             reader.end()
+        if self.starved:
+            self.admit_starved()
+
+    def fail_waiting_writes(self, error: Exception) -> None:
+        """Shutdown: answer every queued writer now."""
+        self.starved.clear()
+        for channel in self._channels.values():
+            if channel.waiters:
+                channel.fail_waiters(error)
 
     async def delete(self, key: ChannelKey) -> bool:
         channel = self._channels.get(key)
@@ -321,7 +508,7 @@ class MemoryStore(ChannelStore):
                 continue
             if len(out) >= limit:
                 break
-            out.append(ChannelInfo(channel.address, channel.key.agent))
+            out.append(ChannelInfo(channel.address, channel.key[0]))
         return out
 
     async def count(self, agent: str | None = None) -> int:

@@ -3,11 +3,13 @@
 The only module that imports redis. Layout, with ``P`` the key prefix and ``{id}`` a hash tag (the
 agent name and the hex channel digest) so that Redis Cluster keeps one channel's keys on one shard:
 
-* ``P{id}:m`` hash: ``addr`` consumer address, ``created`` and ``exp`` (ms), ``np`` pending count,
-  ``dl`` stream id of the last event handed to a reader, ``reader``/``lease`` the one-reader lease,
-  ``confirmed`` the newest eid a cursor confirmed;
+* ``P{id}:m`` hash: ``addr`` consumer address, ``created`` and ``exp`` (ms), ``np``/``pb`` pending
+  events and their bytes, ``ns``/``sb`` sent-but-unconfirmed events and their bytes, ``dl`` stream
+  id of the last event handed to a reader, ``reader``/``lease`` the one-reader lease, ``confirmed``
+  the newest eid a cursor confirmed;
 * ``P{id}:p`` stream: the channel's events, pre-serialised (``e`` eid, ``l`` NDJSON line).
-  Entries up to ``dl`` are the replay window (trimmed to its size), entries after it are pending;
+  Entries up to ``dl`` are the replay window (sent, kept until a read confirms them; a take hands
+  out only what fits the window and then says it is full), entries after it are pending;
 * ``P{id}:w`` list: tickets of writers waiting for room, in arrival order (FIFO across nodes);
 * ``P{id}:n`` pub/sub channel: "new events" (``""``) or "deleted" (``"d"``) for the reading node;
 * ``Pexpiry`` sorted set: channel ids by the time to check them for expiry; ``Pcount``: channels;
@@ -43,7 +45,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from megaphone.core.addressing import ChannelKey, new_agent_key
-from megaphone.core.events import Event
+from megaphone.core.events import EVENT_OVERHEAD, Event
 from megaphone.errors import Busy, ChannelLimit, NotFound, StoreUnavailable, WriteTimeout
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
@@ -79,7 +81,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
-# KEYS m p w; ARGV eid line capacity ticket now enqueue notify safety
+# KEYS m p w; ARGV eid line capacity ticket now enqueue notify safety capacity_bytes overhead
 WRITE = (
     _LUA_IDS
     + """
@@ -92,7 +94,11 @@ while true do
 end
 local head = redis.call('LINDEX', KEYS[3], 0)
 local queued_before = head and head ~= ARGV[4]
-if queued_before or tonumber(redis.call('HGET', KEYS[1], 'np')) >= tonumber(ARGV[3]) then
+local np = tonumber(redis.call('HGET', KEYS[1], 'np'))
+local size = #ARGV[2] + tonumber(ARGV[10])
+local full = np >= tonumber(ARGV[3]) or
+  (np > 0 and tonumber(redis.call('HGET', KEYS[1], 'pb') or '0') + size > tonumber(ARGV[9]))
+if queued_before or full then
   if ARGV[6] == '1' then
     redis.call('RPUSH', KEYS[3], ARGV[4])
     redis.call('PEXPIRE', KEYS[3], ARGV[8])
@@ -101,6 +107,7 @@ if queued_before or tonumber(redis.call('HGET', KEYS[1], 'np')) >= tonumber(ARGV
 end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[1], 'l', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'np', 1)
+redis.call('HINCRBY', KEYS[1], 'pb', size)
 if head == ARGV[4] then redis.call('LPOP', KEYS[3]) end
 -- wake the reader only if it waits: after each take it arms ``wk``, and one notification per
 -- take is enough, whatever was written meanwhile
@@ -115,8 +122,9 @@ return 1
 """
 )
 
-# KEYS m p w; ARGV token now lease after safety → {status, start id}; status -1 gone, -2 busy,
-# 0 no cursor, 1 resumed, 2 unknown cursor
+# KEYS m p w; ARGV token now lease after safety overhead → {status, start id}; status -1 gone,
+# -2 busy, 0 no cursor, 1 resumed, 2 unknown cursor. A cursor confirms the sent events up to it; no
+# cursor confirms them all (such a reader cannot resume).
 ATTACH = (
     _LUA_IDS
     + """
@@ -127,13 +135,21 @@ if redis.call('HEXISTS', KEYS[1], 'reader') == 1 and lease > now then return {-2
 redis.call('HSET', KEYS[1], 'reader', ARGV[1], 'lease', now + tonumber(ARGV[3]))
 expire_all(ARGV[5])
 local dl = redis.call('HGET', KEYS[1], 'dl')
-if ARGV[4] == '' then return {0, dl} end
+if ARGV[4] == '' then
+  redis.call('XTRIM', KEYS[2], 'MINID', after(dl))
+  redis.call('HSET', KEYS[1], 'ns', 0, 'sb', 0)
+  return {0, dl}
+end
 local sent = redis.call('XRANGE', KEYS[2], '-', dl)
+local bytes = 0
 for i = 1, #sent do
   local id, fields = sent[i][1], sent[i][2]
+  bytes = bytes + #fields[4] + tonumber(ARGV[6])
   if fields[2] == ARGV[4] then
     redis.call('XTRIM', KEYS[2], 'MINID', after(id))
     redis.call('HSET', KEYS[1], 'confirmed', ARGV[4])
+    redis.call('HINCRBY', KEYS[1], 'ns', -i)
+    redis.call('HINCRBY', KEYS[1], 'sb', -bytes)
     return {1, id}
   end
 end
@@ -142,8 +158,10 @@ return {2, '-'}
 """
 )
 
-# KEYS m p; ARGV token from count window → {code, new, id1, line1, id2, line2, ...};
-# code -1 lease lost, 0 ok. Marks the returned events as sent and trims the replay window.
+# KEYS m p; ARGV token from count window window_bytes overhead →
+# {code, new, id1, line1, id2, line2, ...}; code -1 lease lost, 0 ok, 2 the replay window is full
+# (the read must end so that the next one confirms it). Marks the returned events as sent; with
+# the window off (size 0) sent events are trimmed at once.
 TAKE = (
     _LUA_IDS
     + """
@@ -153,22 +171,37 @@ if start ~= '-' then start = '(' .. start end
 local entries = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', ARGV[3])
 local out = {0, 0}
 redis.call('HSET', KEYS[1], 'wk', '1')
-if #entries == 0 then return out end
+local window, window_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
+local overhead = tonumber(ARGV[6])
+local ns = tonumber(redis.call('HGET', KEYS[1], 'ns') or '0')
+local sb = tonumber(redis.call('HGET', KEYS[1], 'sb') or '0')
 local dl = redis.call('HGET', KEYS[1], 'dl')
-local new = 0
+local new, bytes, last = 0, 0, nil
 for i = 1, #entries do
-  local id = entries[i][1]
-  if gt(id, dl) then new = new + 1 end
+  local id, line = entries[i][1], entries[i][2][4]
+  if gt(id, dl) then
+    local size = #line + overhead
+    if window > 0 and ns > 0 and (ns >= window or sb + size > window_bytes) then
+      out[1] = 2
+      break
+    end
+    new, bytes, last = new + 1, bytes + size, id
+    if window > 0 then ns, sb = ns + 1, sb + size end
+  end
   out[#out + 1] = id
-  out[#out + 1] = entries[i][2][4]
+  out[#out + 1] = line
 end
+if window > 0 and ns >= window then out[1] = 2 end
 out[2] = new
-local last = entries[#entries][1]
 if new > 0 then
   local pending = redis.call('HINCRBY', KEYS[1], 'np', -new)
+  redis.call('HINCRBY', KEYS[1], 'pb', -bytes)
   redis.call('HSET', KEYS[1], 'dl', last)
-  -- the stream holds the window (sent) and then the pending events: keep the newest of both
-  redis.call('XTRIM', KEYS[2], 'MAXLEN', tonumber(ARGV[4]) + pending)
+  if window > 0 then
+    redis.call('HSET', KEYS[1], 'ns', ns, 'sb', sb)
+  else
+    redis.call('XTRIM', KEYS[2], 'MAXLEN', pending)
+  end
 end
 return out
 """
@@ -240,7 +273,9 @@ class RedisStore(ChannelStore):
         metrics: Metrics,
         prefix: str = "megaphone:",
         capacity: int = 100,
-        replay_size: int = 100,
+        capacity_bytes: int = 1 << 20,
+        replay_size: int = 1000,
+        replay_bytes: int = 1 << 20,
         ttl: float = 60.0,
         lease: float = 25.0,
         poll: float = 5.0,
@@ -250,7 +285,9 @@ class RedisStore(ChannelStore):
         self.metrics = metrics
         self.prefix = prefix
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes
         self.replay_size = replay_size
+        self.replay_bytes = replay_bytes
         self.ttl_ms = int(ttl * 1000)
         self.lease_ms = int(lease * 1000)
         self.poll = poll
@@ -422,6 +459,8 @@ class RedisStore(ChannelStore):
                     enqueue,
                     ids.notify,
                     self.safety_ms,
+                    self.capacity_bytes,
+                    EVENT_OVERHEAD,
                 ],
             )
             if written == 1:
@@ -435,7 +474,10 @@ class RedisStore(ChannelStore):
             if remaining <= 0:
                 with contextlib.suppress(StoreUnavailable):
                     await self._call(self.redis.lrem(ids.keys[2], 0, ticket))
-                raise WriteTimeout(f"channel buffer stayed full ({self.capacity} events)")
+                raise WriteTimeout(
+                    f"channel buffer stayed full ({self.capacity} events or "
+                    f"{self.capacity_bytes} bytes)"
+                )
             try:
                 await asyncio.sleep(min(delay, remaining))
             except asyncio.CancelledError:
@@ -455,7 +497,14 @@ class RedisStore(ChannelStore):
             self._script(
                 "attach",
                 ids.keys,
-                [token, _now_ms(), self.lease_ms, after or "", self.safety_ms + self.lease_ms],
+                [
+                    token,
+                    _now_ms(),
+                    self.lease_ms,
+                    after or "",
+                    self.safety_ms + self.lease_ms,
+                    EVENT_OVERHEAD,
+                ],
             )
         )
         try:
@@ -482,14 +531,19 @@ class RedisStore(ChannelStore):
 
     async def _take(
         self, ids: _Keys, token: str, start: str
-    ) -> tuple[int, list[tuple[str, bytes]]]:
+    ) -> tuple[int, list[tuple[str, bytes]], bool]:
+        """(new events, events, window full); new is -1 when the lease is lost."""
         reply = await self._script(
-            "take", ids.keys[:2], [token, start, TAKE_BATCH, self.replay_size]
+            "take",
+            ids.keys[:2],
+            [token, start, TAKE_BATCH, self.replay_size, self.replay_bytes, EVENT_OVERHEAD],
         )
-        if int(reply[0]) == -1:
-            return -1, []
+        code = int(reply[0])
+        if code == -1:
+            return -1, [], False
         items = reply[2:]
-        return int(reply[1]), [(_text(items[i]), items[i + 1]) for i in range(0, len(items), 2)]
+        events = [(_text(items[i]), items[i + 1]) for i in range(0, len(items), 2)]
+        return int(reply[1]), events, code == 2
 
     async def _release(self, ids: _Keys, token: str) -> None:
         if self._readers.get(ids.notify) is not None and self._readers[ids.notify].token == token:
@@ -841,7 +895,7 @@ class _RedisSubscription:
             self.wake.clear()
             if self.sink.writable:
                 try:
-                    new, events = await store._take(self.ids, self.token, self.last)
+                    new, events, full = await store._take(self.ids, self.token, self.last)
                 except StoreUnavailable:
                     await asyncio.sleep(backoff)  # Redis is away: try again soon, not at a tick
                     backoff = min(backoff * 2, 1.0)
@@ -855,8 +909,12 @@ class _RedisSubscription:
                     metrics.messages_read += new
                     metrics.messages_replayed += len(events) - new
                     self.sink.deliver([line for _, line in events])
-                    if len(events) == TAKE_BATCH:
-                        continue  # there may be more already
+                if full:  # the client must reconnect and confirm before it gets more
+                    if not self.closed:
+                        self.sink.window_full()
+                    return
+                if events and len(events) == TAKE_BATCH:
+                    continue  # there may be more already
                 # the take armed the channel's notification: the next write wakes us
             await self.wake.wait()
 
