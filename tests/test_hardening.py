@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from conftest import ServerFactory, base_url, create_channel
+from megaphone.core.broker import MAX_ADDRESS_LENGTH
 from megaphone.errors import MethodNotAllowed
 from megaphone.http.app import ROUTE_CACHE_SIZE, Request
 from megaphone.server import MegaphoneServer
@@ -187,3 +188,41 @@ async def test_shutdown_ends_reads_and_answers_inflight_writes(
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient() as again:
             await again.post(f"{base_url(node)}/create")
+
+
+async def test_write_batch_answer_is_bounded_before_any_work(server: MegaphoneServer) -> None:
+    """Issue #9's amplification: 1,000 made-up channels x 1,000 messages (under 1 MB) once got a
+    ~1 GB failure list. Now the product of channels and messages is checked first."""
+    channels = [f"made-up-{n:06d}.{'x' * 50}" for n in range(1000)]
+    messages = [{"streamId": "s", "body": n} for n in range(1000)]
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=30) as http:
+        reply = await http.post("/write-batch", json={"channels": channels, "messages": messages})
+        assert reply.status_code == 413
+        assert reply.json()["code"] == "BATCH_TOO_LARGE"
+        assert "1000000 writes" in reply.json()["message"]
+        assert server.metrics.messages_unroutable == 0  # refused before any work
+        long = await http.post(
+            "/write-batch", json={"channels": ["a." + "x" * 300], "messages": messages[:1]}
+        )
+        assert long.status_code == 400
+        assert "longer than" in long.json()["message"]
+        # the largest batch allowed: its answer stays within the documented few MiB
+        request = {"channels": channels[:100], "messages": messages[:100]}
+        allowed = await http.post("/write-batch", json=request)
+        assert allowed.status_code == 201
+        assert len(allowed.json()["failures"]) == 10_000
+        assert len(allowed.content) < 10_000 * (MAX_ADDRESS_LENGTH + 64)
+        assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_batch_writes_limit_is_a_setting(server_factory: ServerFactory) -> None:
+    node = await server_factory(max_batch_writes=6, poll_duration_millis=300)
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        a, b, c = [(await create_channel(http))["producerAddress"] for _ in range(3)]
+        messages = [{"streamId": "s", "body": n} for n in range(3)]
+        wide = await http.post("/write-batch", json={"channels": [a, b, c], "messages": messages})
+        assert wide.status_code == 413
+        # duplicates are written once, so they do not count twice
+        ok = await http.post("/write-batch", json={"channels": [a, b, a], "messages": messages})
+        assert ok.status_code == 201
+        assert ok.json() == {"failures": []}

@@ -30,7 +30,7 @@ log = logging.getLogger("megaphone.broker")
 
 PROTOCOL_NDJSON = "HTTP_STREAM_NDJSON_V1"
 SUPPORTED_PROTOCOLS: tuple[str, ...] = (PROTOCOL_NDJSON,)
-MAX_ADDRESS_LENGTH = 512  # longer than any address this broker mints (agent names aside)
+MAX_ADDRESS_LENGTH = 256  # longer than any address this broker mints (agent names aside)
 
 
 class Broker:
