@@ -360,6 +360,9 @@ class HttpProtocol(asyncio.Protocol):
         if self.busy or self.queue:
             self.close_when_idle = True
             return True  # answer what was asked, then close
+        # answers written in this turn of the loop may still wait for its flush (flush_later):
+        # close() sends them first, where a bare False would let the transport drop them
+        self.close()
         return False
 
     def pause_writing(self) -> None:
