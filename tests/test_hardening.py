@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
 
 import httpx
+import orjson
 import pytest
 
 from conftest import ServerFactory, base_url, create_channel
@@ -170,24 +173,69 @@ async def test_health_during_warm_up(server_factory: ServerFactory) -> None:
 async def test_shutdown_ends_reads_and_answers_inflight_writes(
     server_factory: ServerFactory,
 ) -> None:
-    node = await server_factory(channel_buffer_size=1, write_timeout_millis=300)
+    # the waiting writes would otherwise wait a minute, past the 20 s grace: they must be
+    # answered when the shutdown starts (issue #9), not cut without an answer
+    node = await server_factory(channel_buffer_size=1, write_timeout_millis=60_000)
     async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:
         busy = await create_channel(http)
-        await http.post(f"/write/{busy['producerAddress']}/s", json=0)
-        blocked = asyncio.create_task(http.post(f"/write/{busy['producerAddress']}/s", json=1))
+        producer = busy["producerAddress"]
+        await http.post(f"/write/{producer}/s", json=0)
+        blocked = asyncio.create_task(http.post(f"/write/{producer}/s", json=1))
+        batch = asyncio.create_task(
+            http.post(
+                "/write-batch",
+                json={"channels": [producer], "messages": [{"streamId": "s", "body": 2}] * 2},
+            )
+        )
         reading = await create_channel(http)
         async with http.stream("GET", f"/read/{reading['consumerAddress']}") as stream:
             await asyncio.sleep(0.05)
-            closing = asyncio.create_task(node.aclose(grace=5))
+            closing = asyncio.create_task(node.aclose(grace=20))
             body = [chunk async for chunk in stream.aiter_raw()]
         assert body == []  # ended cleanly with the last chunk, no error
         reply = await blocked  # the in-flight write got its answer before the close
         assert reply.status_code == 503
-        assert reply.json()["code"] == "TIMEOUT"
+        assert reply.json()["code"] == "SHUTTING_DOWN"
+        answered = await batch
+        assert answered.status_code == 201
+        reasons = [f["reason"] for f in answered.json()["failures"]]
+        assert reasons == ["SHUTTING_DOWN", "SKIPPED"]
         await closing
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient() as again:
             await again.post(f"{base_url(node)}/create")
+
+
+async def test_gc_freezes_long_lived_objects_and_they_are_still_freed(
+    server_factory: ServerFactory,
+) -> None:
+    """Full collections skip what was frozen; what the server keeps is cycle-free, so a
+    connection and a read that were frozen while alive are freed once done, without the GC."""
+    node = await server_factory(gc_freeze_interval_millis=20, poll_duration_millis=10_000)
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:
+        channel = await create_channel(http)
+        async with http.stream("GET", f"/read/{channel['consumerAddress']}") as stream:
+            await http.post(f"/write/{channel['producerAddress']}/s", json=1)
+            lines = stream.aiter_lines()
+            assert orjson.loads(await anext(lines))["body"] == 1
+            (reader,) = [c for c in node.http.connections if c.stream is not None]
+            read = reader.stream
+            frozen = gc.get_freeze_count()
+            for _ in range(100):  # a tick or two of the policy
+                await asyncio.sleep(0.02)
+                if gc.get_freeze_count() != frozen:
+                    break
+            assert gc.get_freeze_count() != frozen
+        await http.aclose()
+        # once done, nothing but this test holds them: reference counting frees them, frozen
+        # or not (getrefcount counts its own argument too)
+        for _ in range(100):
+            if sys.getrefcount(reader) == 3 and sys.getrefcount(read) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert sys.getrefcount(read) == 2
+        del read  # it held the connection
+        assert sys.getrefcount(reader) == 2
 
 
 async def test_write_batch_answer_is_bounded_before_any_work(server: MegaphoneServer) -> None:

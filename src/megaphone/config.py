@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=10_000, gt=0)
     max_pipeline_bytes: int = Field(default=1_048_576, gt=0)
     max_buffered_request_bytes: int = Field(default=134_217_728, gt=0)
+    gc_freeze_interval_millis: int = Field(default=1_000, ge=0)
     producer_token: SecretStr | None = None
     cors_allowed_origins: list[str] = Field(default_factory=lambda: ["*"])
     shutdown_grace_millis: int = Field(default=10_000, ge=0)

@@ -11,6 +11,8 @@ from contextlib import suppress
 from megaphone.config import Settings
 from megaphone.core.agents import AgentRegistry
 from megaphone.core.broker import Broker
+from megaphone.errors import ShuttingDown
+from megaphone.gcpolicy import GcPolicy
 from megaphone.http.app import Api
 from megaphone.http.protocol import HttpLimits, HttpProtocol, HttpServerState
 from megaphone.metrics import Metrics
@@ -81,6 +83,7 @@ class MegaphoneServer:
                 keepalive_timeout=settings.keepalive_timeout_millis / 1000,
             ),
         )
+        self.gc_policy = GcPolicy(settings.gc_freeze_interval_millis / 1000)
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -104,6 +107,7 @@ class MegaphoneServer:
         self.port = sock.getsockname()[1]
         self._sweeper = loop.create_task(self.broker.run_sweeper())
         self.metrics.watch_gc()
+        self.gc_policy.start()
         log.info(
             "megaphone listening",
             extra={"address": f"{host}:{self.port}", "agents": ",".join(self.settings.agents)},
@@ -115,10 +119,13 @@ class MegaphoneServer:
             return
         self._closed = True
         self.metrics.unwatch_gc()
+        self.gc_policy.close()
         if grace is None:
             grace = self.settings.shutdown_grace_millis / 1000
         self.http.shutting_down = True
         self.broker.draining = True
+        # writes waiting for room are answered now, not after their whole write timeout
+        self.store.stop_waiting(ShuttingDown("the server is shutting down; retry elsewhere"))
         if self._server is not None:
             self._server.close()
         for connection in list(self.http.connections):

@@ -19,6 +19,7 @@ from megaphone.errors import (
     BadRequest,
     BatchTooLarge,
     MegaphoneError,
+    ShuttingDown,
     Skipped,
     Unavailable,
     WriteTimeout,
@@ -143,7 +144,7 @@ class Broker:
                 await self.store.write(key, event, self.write_timeout)
             except MegaphoneError as exc:
                 failures.append({"channel": channel, "index": index, "reason": exc.code})
-                timed_out = isinstance(exc, WriteTimeout)
+                timed_out = isinstance(exc, WriteTimeout | ShuttingDown)
         return failures
 
     async def attach(self, consumer: str, sink: ReadSink, after: str | None = None) -> Subscription:

@@ -131,5 +131,9 @@ class ChannelStore(abc.ABC):
         """Agent keys shared by every node of the store, or None for keys local to this process."""
         return None
 
+    def stop_waiting(self, error: Exception) -> None:  # noqa: B027 - optional hook
+        """Shutdown: answer every write waiting for room with ``error`` now, and make later
+        writes that would wait fail the same way at once."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources; idempotent."""

@@ -357,6 +357,7 @@ class MemoryStore(ChannelStore):
         self._per_agent: dict[str, int] = {}
         # channels whose queued writers wait for the node's budget, in arrival order
         self.starved: dict[MemoryChannel, None] = {}
+        self.stopped: Exception | None = None  # shutting down: writes no longer wait
 
     def _schedule(self, channel: MemoryChannel) -> None:
         self._seq += 1
@@ -392,6 +393,8 @@ class MemoryStore(ChannelStore):
             return
         channel = self._channels[key]
         size = _size(event)
+        if self.stopped is not None:
+            raise self.stopped
         if wait <= 0:
             raise self._full(channel, size)
         loop = asyncio.get_running_loop()
@@ -474,8 +477,8 @@ class MemoryStore(ChannelStore):
         if self.starved:
             self.admit_starved()
 
-    def fail_waiting_writes(self, error: Exception) -> None:
-        """Shutdown: answer every queued writer now."""
+    def stop_waiting(self, error: Exception) -> None:
+        self.stopped = error
         self.starved.clear()
         for channel in self._channels.values():
             if channel.waiters:

@@ -345,6 +345,7 @@ class RedisStore(ChannelStore):
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._started = False
+        self._stopped: Exception | None = None  # shutting down: writes no longer wait
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -471,6 +472,10 @@ class RedisStore(ChannelStore):
                 raise NotFound("channel not found")
             enqueue = "0"  # queued once (FIFO); now wait for our turn and room
             remaining = deadline - time.monotonic()
+            if self._stopped is not None:
+                with contextlib.suppress(StoreUnavailable):
+                    await self._call(self.redis.lrem(ids.keys[2], 0, ticket))
+                raise self._stopped
             if remaining <= 0:
                 with contextlib.suppress(StoreUnavailable):
                     await self._call(self.redis.lrem(ids.keys[2], 0, ticket))
@@ -484,6 +489,9 @@ class RedisStore(ChannelStore):
                 self._spawn(self.redis.lrem(ids.keys[2], 0, ticket))
                 raise
             delay = min(delay * 2, 0.05)
+
+    def stop_waiting(self, error: Exception) -> None:
+        self._stopped = error  # each waiting write sees it within its next poll (<= 50 ms)
 
     async def attach(self, key: ChannelKey, sink: ReadSink, after: str | None) -> Subscription:
         ids = _Keys(self.prefix, key)
@@ -856,6 +864,13 @@ class _RedisSubscription:
     def start(self) -> None:
         if not self.closed and self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._run())
+            self.task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        # a cancelled task keeps its CancelledError, whose traceback holds _run's frame and so
+        # this subscription: let go of the task, so that no cycle is left for the GC
+        if self.task is task:
+            self.task = None
 
     def resume(self) -> None:
         self.wake.set()
