@@ -454,10 +454,10 @@ async def test_channels_exists_with_bad_body(
         ("GET", "/write/{producer}/s", "POST"),
         ("DELETE", "/write/{producer}/s", "POST"),
         ("GET", "/write-batch", "POST"),
-        ("POST", "/read/{consumer}", "GET"),
-        ("PATCH", "/read/{consumer}", "GET"),
+        ("POST", "/read/{consumer}", "GET, HEAD"),
+        ("PATCH", "/read/{consumer}", "GET, HEAD"),
         ("GET", "/channelsExists", "POST"),
-        ("POST", "/metrics", "GET"),
+        ("POST", "/metrics", "GET, HEAD"),
         ("HEAD", "/create", "POST"),
     ],
 )

@@ -6,7 +6,8 @@ bodies, valid JSON of random shape, deeply nested JSON, bodies and targets aroun
 random header names and values with non-ASCII bytes, raw byte strings on a socket). Properties,
 checked for every example:
 
-* never a 5xx; every 4xx carries the ``{"code","message"}`` JSON body; a 405 says ``Allow``;
+* never a 5xx (but the 501/505 the oracle predicts); every 4xx carries the ``{"code","message"}``
+  JSON body; a 405 says ``Allow``;
 * a complete request always gets an answer before the connection closes, and an invalid one gets
   a 4xx (then the close). The client half-closes after sending, so the server may close without a
   word only on a request that is incomplete. What is complete or invalid is decided by parsing the
@@ -73,6 +74,9 @@ TCHAR = "!#$%&'*+-.^_`|~" + ALNUM
 B64URL = ALNUM + "-_"
 KNOWN_HEADS = {"create", "write", "write-batch", "read", "channelsExists", "metrics"}
 NEW_HEADS = {"healthz", "readyz"}
+GET_HEADS = {"read", "metrics", "healthz", "readyz"}  # where HEAD is answered like GET
+# httptools' reasons for an HTTP version the server answers with 505
+UNSUPPORTED_VERSION_REASONS = {"Invalid HTTP version", "Pause on PRI/Upgrade"}
 PROTOCOL = "HTTP_STREAM_NDJSON_V1"
 CONSUMER_SHAPE = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9]{50})\.([0-9a-fA-F]{1,8})")
 PRODUCER_SHAPE = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]{59})")
@@ -201,11 +205,15 @@ class Message:
 
 class Oracle:
     """Parses the bytes we send with httptools: which requests are complete, and whether the
-    byte stream is invalid (the server must then answer with a 4xx before closing)."""
+    byte stream is invalid (the server must then answer with a 4xx before closing). ``refusal``:
+    the status of a head the server refuses although httptools reads it (505 for a version
+    other than 1.0/1.1, 400 for a missing or repeated Host, 501 for a transfer coding other
+    than chunked); parsing stops there, as the server's does."""
 
     def __init__(self, data: bytes) -> None:
         self.messages: list[Message] = []
         self.error: str | None = None
+        self.refusal: int | None = None
         self.upgrade = False
         self._current = Message()
         self.parser = httptools.HttpRequestParser(self)
@@ -215,6 +223,8 @@ class Oracle:
             self.upgrade = True
         except httptools.HttpParserError as exc:
             self.error = f"{type(exc).__name__}: {exc}"
+            if str(exc) in UNSUPPORTED_VERSION_REASONS:
+                self.refusal = 505
 
     def on_message_begin(self) -> None:
         self._current = Message()
@@ -227,6 +237,21 @@ class Oracle:
 
     def on_headers_complete(self) -> None:
         self._current.method = self.parser.get_method()
+        headers: dict[bytes, bytes] = {}
+        for name, value in self._current.headers:
+            key = name.lower()
+            headers[key] = headers[key] + b", " + value if key in headers else value
+        version = self.parser.get_http_version()
+        host = headers.get(b"host")
+        coding = headers.get(b"transfer-encoding")
+        if version not in ("1.0", "1.1"):
+            self.refusal = 505
+        elif (host is None and version == "1.1") or (host is not None and b"," in host):
+            self.refusal = 400
+        elif coding is not None and coding.lower() != b"chunked":
+            self.refusal = 501
+        if self.refusal is not None:
+            raise ValueError(f"refused: {self.refusal}")  # stops the parse
 
     def on_body(self, body: bytes) -> None:
         self._current.body += body
@@ -314,7 +339,7 @@ def parse_replies(
 
 def check_reply(reply: Reply) -> None:
     """What holds for every response, whatever was asked."""
-    assert reply.status < 500, f"server error: {reply}"
+    assert reply.status < 500 or reply.status in (501, 505), f"server error: {reply}"
     assert reply.status >= 200 or reply.status == 100, f"unexpected interim response: {reply}"
     if reply.status == 405:
         assert reply.headers.get("allow"), f"405 without Allow: {reply}"
@@ -351,7 +376,10 @@ def check_exchange(oracle: Oracle, replies: list[Reply]) -> list[tuple[Message, 
         assert rest, f"invalid request ({oracle.error}) closed without a 4xx answer"
     if rest:  # a refusal of what follows the complete requests: a 4xx, then the close
         assert len(rest) == 1, f"more answers than requests: {finals}"
-        assert 400 <= rest[0].status < 500, rest[0]
+        if rest[0].status >= 500:  # only what the oracle predicts (a 4xx may come first)
+            assert rest[0].status == oracle.refusal, (rest[0], oracle.refusal)
+        else:
+            assert 400 <= rest[0].status < 500, rest[0]
         assert rest[0].closes, rest[0]
     return pairs
 
@@ -1051,7 +1079,8 @@ def templates(fuzz: Fuzz) -> list[bytes]:
         request(b"GET", b"/read/not-a-consumer", [], b""),
         request(b"HEAD", b"/create", [], b""),
         b"GET /metrics HTTP/1.0\r\n\r\n",
-        b"POST /write/" + producer + b"/chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /write/" + producer + b"/chunked HTTP/1.1\r\nHost: f\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
         b"3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n",
     ]
 
@@ -1182,10 +1211,16 @@ def test_random_request_lines(fuzz: Fuzz) -> None:
                 route = path.decode("latin-1")[1:].partition("/")[0]
                 if not path.startswith(b"/") or route not in KNOWN_HEADS | NEW_HEADS:
                     assert reply.status == 404, reply
-                elif message.method == b"GET" and path in (b"/metrics", b"/healthz", b"/readyz"):
+                elif message.method in (b"GET", b"HEAD") and path in (
+                    b"/metrics",
+                    b"/healthz",
+                    b"/readyz",
+                ):
                     assert reply.status == 200, reply
                 elif message.method == b"OPTIONS" and path in known_paths:
                     assert reply.status == 204, reply  # a CORS preflight answer
+                elif message.method == b"HEAD" and route in GET_HEADS:
+                    assert reply.status in (200, 400, 404), reply  # as a GET would be
                 elif message.method not in (b"GET", b"POST", b"OPTIONS"):
                     assert reply.status in (404, 405), reply
         fuzz.assert_healthy()

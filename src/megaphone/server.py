@@ -81,6 +81,9 @@ class MegaphoneServer:
                 max_body=settings.max_body_bytes,
                 request_timeout=settings.request_timeout_millis / 1000,
                 keepalive_timeout=settings.keepalive_timeout_millis / 1000,
+                max_connections=settings.max_connections,
+                max_pipeline_bytes=settings.max_pipeline_bytes,
+                max_buffered=settings.max_buffered_request_bytes,
             ),
         )
         self.gc_policy = GcPolicy(settings.gc_freeze_interval_millis / 1000)
@@ -131,7 +134,7 @@ class MegaphoneServer:
         for connection in list(self.http.connections):
             connection.shutdown()
         await self.http.wait_closed(grace)
-        for connection in list(self.http.connections):
+        for connection in [*self.http.connections, *self.http.refused]:
             if connection.transport is not None:
                 connection.transport.abort()
         self.http.windows.close()

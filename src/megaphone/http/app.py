@@ -16,6 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from megaphone.core.broker import Broker
 from megaphone.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized, Unavailable
+from megaphone.http.wire import NDJSON
 from megaphone.metrics import CONTENT_TYPE as METRICS_TYPE
 from megaphone.metrics import Metrics
 
@@ -26,7 +27,7 @@ JSON = b"application/json"
 OK = orjson.dumps({"status": "OK"})
 MAX_CURSOR_LENGTH = 256
 ROUTE_CACHE_SIZE = 4_096
-CORS_METHODS = b"GET, POST, OPTIONS"
+CORS_METHODS = b"GET, HEAD, POST, OPTIONS"
 CORS_HEADERS = b"authorization, content-type, last-event-id"
 
 
@@ -198,16 +199,18 @@ class Api:
         self.metrics = metrics
         self.token = producer_token.encode() if producer_token else None
         self.cors = Cors(cors_origins if cors_origins is not None else ["*"])
-        # path head → ({method: handler}, number of parameters, needs the producer token)
+        # path head → ({method: handler}, number of parameters, needs the producer token).
+        # HEAD is answered by the GET handler (the protocol leaves the body out), except on
+        # /read, where it must not attach a reader
         self.routes: dict[str, tuple[dict[bytes, Handler], int, bool]] = {
             "create": ({b"POST": self.create}, 0, True),
             "write": ({b"POST": self.write}, 2, True),
             "write-batch": ({b"POST": self.write_batch}, 0, True),
-            "read": ({b"GET": self.read}, 1, False),
+            "read": ({b"GET": self.read, b"HEAD": self.read_head}, 1, False),
             "channelsExists": ({b"POST": self.channels_exists}, 0, True),
-            "metrics": ({b"GET": self.render_metrics}, 0, False),
-            "healthz": ({b"GET": self.healthz}, 0, False),
-            "readyz": ({b"GET": self.readyz}, 0, False),
+            "metrics": ({b"GET": self.render_metrics, b"HEAD": self.render_metrics}, 0, False),
+            "healthz": ({b"GET": self.healthz, b"HEAD": self.healthz}, 0, False),
+            "readyz": ({b"GET": self.readyz, b"HEAD": self.readyz}, 0, False),
         }
         # (method, path) of a write → what _route found: a producer writes the same path again
         self._routed: dict[tuple[bytes, bytes], tuple[Handler, list[str], bool]] = {}
@@ -280,6 +283,16 @@ class Api:
 
     async def read(self, request: Request, params: list[str]) -> Result:
         return ReadRequest(decode_segment(params[0]), read_cursor(request))
+
+    async def read_head(self, request: Request, params: list[str]) -> Result:
+        """HEAD /read: what a read would start with (200, or its 400/404), without attaching a
+        reader, taking the lease or settling a cursor."""
+        consumer = decode_segment(params[0])
+        self.broker.registry.addresses.consumer(consumer)  # 400 malformed, 404 unknown agent
+        read_cursor(request)  # 400 for a cursor a read would refuse
+        if not (await self.broker.exists([consumer])).get(consumer):
+            raise NotFound("channel not found")
+        return 200, b"", NDJSON, b""
 
     async def channels_exists(self, request: Request, params: list[str]) -> Result:
         body = parse_model(ChannelsExistsBody, request.body)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -25,9 +26,12 @@ from megaphone.errors import (
     HeadersTooLarge,
     InternalError,
     MegaphoneError,
+    NotImplementedHere,
+    Overloaded,
     PayloadTooLarge,
     RequestTimeout,
     UriTooLong,
+    VersionNotSupported,
 )
 from megaphone.http import wire
 from megaphone.http.app import WRITTEN, Api, ReadRequest, Request, Result
@@ -43,10 +47,24 @@ MAX_PIPELINE = 32
 HEAD_SLACK = 64  # request line and blank line framing, on top of the target and header limits
 LINGER_SECONDS = 5.0  # the most we keep draining a client after refusing its request
 TIMER_SLACK = 0.002  # a timer may fire this much before its time (the loop's clock ticks in ms)
+PIPELINE_HEAD_BYTES = 256  # what a queued request's head counts against max_pipeline_bytes
+REFUSAL_LOG_SECONDS = 10.0  # at most one warning this often about refused connections
+# httptools reports these as plain parse errors (llhttp's reasons): a well-formed version other
+# than the ones llhttp knows (HTTP/1.2, HTTP/3.0), and the HTTP/2 connection preface
+UNSUPPORTED_VERSION_REASONS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade"})
 
 
 class HttpLimits:
-    __slots__ = ("keepalive_timeout", "max_body", "max_headers", "max_url", "request_timeout")
+    __slots__ = (
+        "keepalive_timeout",
+        "max_body",
+        "max_buffered",
+        "max_connections",
+        "max_headers",
+        "max_pipeline_bytes",
+        "max_url",
+        "request_timeout",
+    )
 
     def __init__(
         self,
@@ -56,12 +74,18 @@ class HttpLimits:
         max_body: int,
         request_timeout: float,
         keepalive_timeout: float,
+        max_connections: int,
+        max_pipeline_bytes: int,
+        max_buffered: int,
     ) -> None:
         self.max_url = max_url
         self.max_headers = max_headers
         self.max_body = max_body
         self.request_timeout = request_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections  # open connections served at once
+        self.max_pipeline_bytes = max_pipeline_bytes  # queued requests of one connection
+        self.max_buffered = max_buffered  # request body bytes held by all connections
 
 
 class HttpServerState:
@@ -71,7 +95,16 @@ class HttpServerState:
         self.api = api
         self.broker = broker
         self.limits = limits
-        self.connections: set[HttpProtocol] = set()
+        self.connections: set[HttpProtocol] = set()  # served (at most max_connections)
+        self.refused: set[HttpProtocol] = set()  # refused, still draining until they close
+        self.refused_connections = 0  # since the start
+        self.refusal_log_interval = REFUSAL_LOG_SECONDS
+        self._refused_unlogged = 0  # since the last warning
+        self._refusal_logged_at = -REFUSAL_LOG_SECONDS
+        # request body bytes held across connections: bodies arriving (a Content-Length is
+        # reserved whole when the head is complete, chunks are counted as they come) and
+        # bodies of requests queued but not handled yet
+        self.buffered_request_bytes = 0
         self.shutting_down = False
         # inline when the store never needs a task to make progress (memory); else a task
         self.start = eager.start if broker.store.runs_inline else eager.in_task
@@ -92,7 +125,26 @@ class HttpServerState:
         for connection in connections:
             connection.flush()
 
+    def refuse(self, connection: HttpProtocol) -> None:
+        """Count a connection refused at ``max_connections``; warn at most once an interval,
+        with how many were refused since the last warning."""
+        self.refused.add(connection)
+        self.refused_connections += 1
+        self._refused_unlogged += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= self.refusal_log_interval:
+            log.warning(
+                "connection limit reached: refusing new connections",
+                extra={
+                    "refused": self._refused_unlogged,
+                    "max_connections": self.limits.max_connections,
+                },
+            )
+            self._refused_unlogged = 0
+            self._refusal_logged_at = now
+
     def remove(self, connection: HttpProtocol) -> None:
+        self.refused.discard(connection)
         self.connections.discard(connection)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
@@ -259,11 +311,14 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "_abort_timer",
         "_body",
+        "_body_charge",
         "_body_size",
+        "_chunked",
         "_continue_pending",
         "_fatal_error",
         "_head_received",
         "_header_bytes",
+        "_idle",
         "_in_head",
         "_out",
         "_parse_error",
@@ -279,6 +334,7 @@ class HttpProtocol(asyncio.Protocol):
         "loop",
         "parser",
         "queue",
+        "queued_bytes",
         "reading_paused",
         "request",
         "state",
@@ -300,13 +356,17 @@ class HttpProtocol(asyncio.Protocol):
         self._url_bytes = 0
         self._header_bytes = 0
         self._body: list[bytes] | None = None
-        self._body_size = 0
+        self._body_size = 0  # of the request arriving
+        self._body_charge = 0  # of it, counted in state.buffered_request_bytes
+        self._chunked = False  # its body is chunked (counted as it comes)
         self._parse_error: MegaphoneError | None = None
         self._in_head = False  # between a request's first byte and the end of its headers
         self._head_received = 0  # bytes received while a head was incomplete
         self._continue_pending = False  # a 100 Continue owed once the requests before are done
         self._fatal_error: MegaphoneError | None = None  # answered once the queue is done
         self.queue: list[Request] = []  # pipelined requests, at most MAX_PIPELINE
+        # their bodies plus PIPELINE_HEAD_BYTES each; reading pauses above max_pipeline_bytes
+        self.queued_bytes = 0
         self.busy = False
         self.task: asyncio.Task[object] | None = None
         self.stream: NdjsonStream | None = None
@@ -317,6 +377,7 @@ class HttpProtocol(asyncio.Protocol):
         # the request or keep-alive timeout: a deadline (0: none), checked by a timer that is
         # moved only when it must fire sooner, so a request costs no timer of its own
         self.deadline = 0.0
+        self._idle = False  # the deadline is the keep-alive one: a request resets it
         self.timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when ``timer`` fires
         self._abort_timer: asyncio.TimerHandle | None = None  # after close: abort if not flushed
@@ -327,13 +388,34 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.state.connections.add(self)
+        state = self.state
+        if len(state.connections) >= self.limits.max_connections:
+            self._refuse()
+            return
+        state.connections.add(self)
+        # a new connection's first request must be complete this long after the accept
         self._arm(self.limits.request_timeout)
+
+    def _refuse(self) -> None:
+        """At ``max_connections``: answer 503 at once and close (draining what the client
+        sends meanwhile, so that the answer is not lost to a reset)."""
+        self.state.refuse(self)
+        error = Overloaded(
+            f"the server holds its maximum of {self.limits.max_connections} connections"
+        )
+        self._fatal_error = error
+        self.write(wire.error_response(error, keep_alive=False))
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._out = None
-        self.state.remove(self)
+        state = self.state
+        state.remove(self)
+        # the request bodies this connection still held leave the server's budget
+        held = self._body_charge + sum(len(request.body) for request in self.queue)
+        state.buffered_request_bytes -= held
+        self._body_charge = self.queued_bytes = 0
         for timer in (self.timer, self._abort_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
@@ -391,8 +473,7 @@ class HttpProtocol(asyncio.Protocol):
             # no protocol upgrades (yet): answer what was parsed, then close
             self.close_when_idle = True
         except (httptools.HttpParserError, httptools.HttpParserCallbackError) as exc:
-            error = self._parse_error or BadRequest(f"malformed HTTP request: {exc}")
-            self._fatal(error)
+            self._fatal(self._parse_error or _framing_error(exc))
             return
         if self._in_head and self.request is head_before:
             # all of ``data`` belongs to a head that is still incomplete. httptools buffers a
@@ -403,9 +484,24 @@ class HttpProtocol(asyncio.Protocol):
                 self._fatal(HeadersTooLarge(f"headers larger than {self.limits.max_headers} bytes"))
                 return
         self._process_queue()
-        if len(self.queue) >= MAX_PIPELINE and not self.reading_paused and self.transport:
+        if (
+            (self.queue or self.busy)
+            and not self.reading_paused
+            and self._pipeline_full()
+            and self.transport
+        ):
             self.reading_paused = True
             self.transport.pause_reading()
+
+    def _pipeline_full(self) -> bool:
+        """Too much is waiting behind the request in progress: MAX_PIPELINE requests, or
+        more than max_pipeline_bytes queued (the body arriving behind them included). Only
+        asked while something is ahead of the queue (a busy connection or a queue), so that
+        a request alone is always read to its end."""
+        return (
+            len(self.queue) >= MAX_PIPELINE
+            or self.queued_bytes + self._body_size > self.limits.max_pipeline_bytes
+        )
 
     # --- httptools callbacks ----------------------------------------------------------------
 
@@ -419,7 +515,9 @@ class HttpProtocol(asyncio.Protocol):
         self._in_head = True
         self._head_received = 0
         self._continue_pending = False
-        if not self.busy:
+        # the request timeout runs from the first byte after a keep-alive wait, but from the
+        # accept on a new connection (armed in connection_made: it is not moved)
+        if not self.busy and (self._idle or not self.deadline):
             self._arm(self.limits.request_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -444,9 +542,27 @@ class HttpProtocol(asyncio.Protocol):
         self._in_head = False
         request = self.request
         assert request is not None
-        request.method = self.parser.get_method()
-        request.http10 = self.parser.get_http_version() == "1.0"
-        request.keep_alive = self.parser.should_keep_alive()
+        parser = self.parser
+        request.method = parser.get_method()
+        version = parser.get_http_version()
+        if version != "1.1":
+            if version != "1.0":  # llhttp also takes 0.9 and 2.0 (in HTTP/1 syntax)
+                self._raise(VersionNotSupported(f"HTTP/{version} is not supported"))
+            request.http10 = True
+        request.keep_alive = parser.should_keep_alive()
+        headers = request.headers
+        host = headers.get(b"host")
+        if host is None:
+            if not request.http10:
+                self._raise(BadRequest("an HTTP/1.1 request needs a Host header"))
+        elif b"," in host:  # more than one (joined by on_header); never in one valid value
+            self._raise(BadRequest("more than one Host header"))
+        coding = headers.get(b"transfer-encoding")
+        self._chunked = coding is not None
+        if coding is not None and coding.lower() != b"chunked":
+            # llhttp reads "gzip, chunked" as chunked, and rejects most others only after
+            # this callback: refuse before any of the body is read
+            self._raise(NotImplementedHere("only Transfer-Encoding: chunked is supported"))
         try:
             url = httptools.parse_url(self._url[0] if len(self._url) == 1 else b"".join(self._url))
         except httptools.HttpParserInvalidURLError:
@@ -454,10 +570,20 @@ class HttpProtocol(asyncio.Protocol):
         request.path = url.path or b""
         request.query = url.query or b""
         self._url.clear()  # not kept for the life of a read
-        length = request.headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limits.max_body:
-            self._raise(PayloadTooLarge(f"request body larger than {self.limits.max_body} bytes"))
-        expect = request.headers.get(b"expect")
+        length = headers.get(b"content-length")
+        if length is not None and length != b"0" and length.isdigit():
+            size = int(length)
+            if size > self.limits.max_body:
+                self._raise(
+                    PayloadTooLarge(f"request body larger than {self.limits.max_body} bytes")
+                )
+            # the whole body is reserved now, so that it is refused before it is read
+            state = self.state
+            if state.buffered_request_bytes + size > self.limits.max_buffered:
+                self._raise(_over_budget(self.limits.max_buffered))
+            state.buffered_request_bytes += size
+            self._body_charge = size
+        expect = headers.get(b"expect")
         if expect is not None:
             if expect.lower() != b"100-continue":
                 self._raise(BadRequest("unsupported Expect header"))
@@ -468,9 +594,16 @@ class HttpProtocol(asyncio.Protocol):
                     self._send_continue()
 
     def on_body(self, body: bytes) -> None:
-        self._body_size += len(body)
+        size = len(body)
+        self._body_size += size
         if self._body_size > self.limits.max_body:
             self._raise(PayloadTooLarge(f"request body larger than {self.limits.max_body} bytes"))
+        if self._chunked:  # no length announced: counted as it comes
+            state = self.state
+            state.buffered_request_bytes += size
+            self._body_charge += size
+            if state.buffered_request_bytes > self.limits.max_buffered:
+                self._raise(_over_budget(self.limits.max_buffered))
         if self._body is None:
             self._body = [body]
         else:
@@ -483,6 +616,9 @@ class HttpProtocol(asyncio.Protocol):
         if parts is not None:
             request.body = parts[0] if len(parts) == 1 else b"".join(parts)
             self._body = None
+        # the body's charge (its length) now goes with the queued request
+        self.queued_bytes += self._body_size + PIPELINE_HEAD_BYTES
+        self._body_size = self._body_charge = 0
         self.request = None
         self._continue_pending = False  # the body came anyway
         self.queue.append(request)
@@ -500,13 +636,17 @@ class HttpProtocol(asyncio.Protocol):
 
     def _process_queue(self) -> None:
         while self.queue and not self.busy and not self.write_paused and not self.closed:
-            self._handle(self.queue.pop(0))
+            request = self.queue.pop(0)
+            size = len(request.body)
+            self.queued_bytes -= size + PIPELINE_HEAD_BYTES
+            self.state.buffered_request_bytes -= size  # handled now: released
+            self._handle(request)
         if self.busy or self.closed:
             return
         if (
             self.reading_paused
-            and len(self.queue) < MAX_PIPELINE
             and self._fatal_error is None
+            and not (self.queue and self._pipeline_full())
             and self.transport
         ):
             self.reading_paused = False
@@ -518,6 +658,7 @@ class HttpProtocol(asyncio.Protocol):
                 self.close()
             elif self.request is None:
                 self._arm(self.limits.keepalive_timeout)
+                self._idle = True
             else:  # a request is arriving; it may have begun while we were busy
                 if self._continue_pending:
                     self._send_continue()
@@ -618,6 +759,9 @@ class HttpProtocol(asyncio.Protocol):
         before it, then this error, then close."""
         self._fatal_error = error
         self.request = None
+        self._body = None
+        self.state.buffered_request_bytes -= self._body_charge  # the body will not be read
+        self._body_charge = 0
         self._continue_pending = False
         if self.transport is not None and not self.reading_paused:
             self.reading_paused = True
@@ -740,6 +884,7 @@ class HttpProtocol(asyncio.Protocol):
     def _arm(self, delay: float) -> None:
         deadline = self.loop.time() + delay
         self.deadline = deadline
+        self._idle = False
         if self.timer is None or self._timer_at > deadline:
             if self.timer is not None:
                 self.timer.cancel()
@@ -774,3 +919,16 @@ class HttpProtocol(asyncio.Protocol):
             self._fatal(RequestTimeout("request not received in time"))
         else:
             self.close()
+
+
+def _framing_error(exc: Exception) -> MegaphoneError:
+    """What a parse error of httptools means for the client."""
+    if str(exc) in UNSUPPORTED_VERSION_REASONS:
+        return VersionNotSupported()
+    return BadRequest(f"malformed HTTP request: {exc}")
+
+
+def _over_budget(budget: int) -> Overloaded:
+    return Overloaded(
+        f"the server holds its maximum of request bodies ({budget} bytes); retry later"
+    )

@@ -26,7 +26,9 @@ def response(
     head: bool = False,
 ) -> bytes:
     """A complete response with a Content-Length body (only the headers if ``head``: the answer
-    to a HEAD request announces the body's length but must not carry it)."""
+    to a HEAD request announces the body's length but must not carry it). A HEAD on a stream
+    (``content_type`` NDJSON) gets the headers its GET would start with: chunked for HTTP/1.1, no
+    length (RFC 9110 8.6: a Content-Length must be the GET's), and the connection as asked."""
     connection = b""
     if not keep_alive:
         connection = b"connection: close\r\n"
@@ -34,6 +36,15 @@ def response(
         connection = b"connection: keep-alive\r\n"
     if status == 204:  # no body, and no Content-Length either (RFC 9110 8.6)
         return b"%b%b%b\r\n" % (_STATUS_LINES[status], connection, extra)
+    if head and content_type == NDJSON:
+        return b"%bcontent-type: %b\r\n%b%b%b%b\r\n" % (
+            _STATUS_LINES[status],
+            content_type,
+            b"" if http10 else b"transfer-encoding: chunked\r\n",
+            STREAM_HEADERS,
+            connection,
+            extra,
+        )
     return b"%bcontent-type: %b\r\ncontent-length: %d\r\n%b%b\r\n%b" % (
         _STATUS_LINES[status],
         content_type,
