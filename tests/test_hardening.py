@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import sys
 
 import httpx
@@ -13,7 +14,7 @@ import pytest
 from conftest import ServerFactory, base_url, create_channel
 from megaphone.core.broker import MAX_ADDRESS_LENGTH
 from megaphone.errors import MethodNotAllowed
-from megaphone.http.app import ROUTE_CACHE_SIZE, Request
+from megaphone.http.app import ROUTE_CACHE_SIZE, Request, failures_size
 from megaphone.server import MegaphoneServer
 
 
@@ -274,3 +275,56 @@ async def test_batch_writes_limit_is_a_setting(server_factory: ServerFactory) ->
         ok = await http.post("/write-batch", json={"channels": [a, b, a], "messages": messages})
         assert ok.status_code == 201
         assert ok.json() == {"failures": []}
+
+
+async def test_answers_held_for_clients_that_do_not_read_are_budgeted(
+    server_factory: ServerFactory,
+) -> None:
+    """A write-batch reserves its worst-case answer from the I/O budget before any work; the
+    output of a client that stops reading stays counted until it goes."""
+    budget = 3_000_000
+    node = await server_factory(max_buffered_request_bytes=budget, poll_duration_millis=300)
+    channels = [f"made-up-{n:04d}.{'x' * 50}" for n in range(250)]
+    messages = [{"streamId": "s", "body": n} for n in range(40)]
+    big = orjson.dumps({"channels": channels, "messages": messages})
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:
+        assert failures_size(channels, 40) > 1_000_000  # failures per batch, at worst
+        # a client that sends batches and never reads their answers
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port))
+        head = b"POST /write-batch HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big)
+        sock.sendall((head + big) * 12)
+        # until the kernel's buffers are full too and the connection's output stays paused
+        held, steady = -1, 0
+        for _ in range(500):
+            await asyncio.sleep(0.02)
+            now = node.http.held_output_bytes
+            steady = steady + 1 if now == held and now > 0 else 0
+            held = now
+            if steady == 10:
+                break
+        assert held > 0
+        # what is left of the budget decides: a batch whose answer could exceed it is refused
+        room = budget - held - node.http.buffered_request_bytes
+        wide = [f"other-{n:03d}.{'y' * 240}" for n in range(100)]
+        probes = [{"streamId": "s", "body": n} for n in range(100)]
+        fits = max(m for m in range(101) if failures_size(wide, m) <= room)
+        assert fits < 100
+        refused = await http.post(
+            "/write-batch", json={"channels": wide, "messages": probes[: fits + 1]}
+        )
+        assert refused.status_code == 503
+        assert refused.json()["code"] == "OVERLOADED"
+        accepted = await http.post(
+            "/write-batch", json={"channels": wide, "messages": probes[:fits]}
+        )
+        assert accepted.status_code == 201
+        sock.close()
+        for _ in range(200):
+            if node.http.held_output_bytes == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert node.http.held_output_bytes == 0
+        assert node.http.buffered_request_bytes == 0
+        assert (await http.post("/write-batch", content=big)).status_code == 201

@@ -98,9 +98,8 @@ class Broker:
         if pending is not None:
             await pending
 
-    async def write_batch(
-        self, channels: Sequence[str], messages: Sequence[tuple[str, Any]]
-    ) -> list[dict[str, Any]]:
+    def check_batch(self, channels: Sequence[str], messages: Sequence[tuple[str, Any]]) -> None:
+        """Refuse a write-batch over the limits, before any work."""
         if len(messages) > self.settings.max_batch_messages:
             raise BatchTooLarge(
                 f"{len(messages)} messages; at most {self.settings.max_batch_messages} per batch"
@@ -123,6 +122,12 @@ class Broker:
                 raise BadRequest(f"channel address longer than {MAX_ADDRESS_LENGTH} characters")
         for stream_id, _ in messages:
             self.check_stream_id(stream_id)
+
+    async def write_batch(
+        self, channels: Sequence[str], messages: Sequence[tuple[str, Any]]
+    ) -> list[dict[str, Any]]:
+        self.check_batch(channels, messages)
+        unique = list(dict.fromkeys(channels))
         events = [make_event(stream_id, body) for stream_id, body in messages]
         results = await asyncio.gather(*(self._write_all(c, events) for c in unique))
         return [failure for failures in results for failure in failures]

@@ -15,7 +15,14 @@ import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from megaphone.core.broker import Broker
-from megaphone.errors import BadRequest, MethodNotAllowed, NotFound, Unauthorized, Unavailable
+from megaphone.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    Unauthorized,
+    Unavailable,
+)
 from megaphone.http.wire import NDJSON
 from megaphone.metrics import CONTENT_TYPE as METRICS_TYPE
 from megaphone.metrics import Metrics
@@ -104,6 +111,12 @@ def parse_model(model: type[M], body: bytes) -> M:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise BadRequest(f"invalid request body: {where}: {first['msg']}") from None
+
+
+def failures_size(channels: list[str], messages: int) -> int:
+    """The size of a write-batch answer in which every write failed."""
+    per_entry = len('{"channel":,"index":,"reason":"BAD_REQUEST"},') + len(str(messages))
+    return sum((len(orjson.dumps(c)) + per_entry) * messages for c in dict.fromkeys(channels)) + 16
 
 
 def decode_segment(raw: str) -> str:
@@ -202,6 +215,9 @@ class Api:
         # path head → ({method: handler}, number of parameters, needs the producer token).
         # HEAD is answered by the GET handler (the protocol leaves the body out), except on
         # /read, where it must not attach a reader
+        # the HTTP server's I/O budget for answers being built (see HttpServerState)
+        self.room_for_answer: Callable[[int], bool] = lambda size: True
+        self.release_answer: Callable[[int], None] = lambda size: None
         self.routes: dict[str, tuple[dict[bytes, Handler], int, bool]] = {
             "create": ({b"POST": self.create}, 0, True),
             "write": ({b"POST": self.write}, 2, True),
@@ -276,10 +292,19 @@ class Api:
 
     async def write_batch(self, request: Request, params: list[str]) -> Result:
         batch = parse_model(WriteBatchBody, request.body)
-        failures = await self.broker.write_batch(
-            batch.channels, [(m.stream_id, m.body) for m in batch.messages]
-        )
-        return 201, orjson.dumps({"failures": failures}), JSON, b""
+        messages = [(m.stream_id, m.body) for m in batch.messages]
+        self.broker.check_batch(batch.channels, messages)  # a 4xx comes first
+        # the answer's size at worst (every write failing) is reserved from the server's I/O
+        # budget before any work, so that many batches to clients that do not read cannot
+        # pile answers up (issue #9)
+        worst = failures_size(batch.channels, len(batch.messages))
+        if not self.room_for_answer(worst):
+            raise Overloaded("the server's budget for buffered requests and answers is full")
+        try:
+            failures = await self.broker.write_batch(batch.channels, messages)
+            return 201, orjson.dumps({"failures": failures}), JSON, b""
+        finally:
+            self.release_answer(worst)
 
     async def read(self, request: Request, params: list[str]) -> Result:
         return ReadRequest(decode_segment(params[0]), read_cursor(request))

@@ -105,12 +105,29 @@ class HttpServerState:
         # reserved whole when the head is complete, chunks are counted as they come) and
         # bodies of requests queued but not handled yet
         self.buffered_request_bytes = 0
+        # answer bytes held for clients that do not read them (the output buffer of each
+        # connection whose writing is paused), plus answers reserved while being built
+        # (write-batch): the same budget, so that slow clients cannot pile answers up either
+        self.held_output_bytes = 0
+        api.room_for_answer = self.room_for_answer
+        api.release_answer = self.release_answer
         self.shutting_down = False
         # inline when the store never needs a task to make progress (memory); else a task
         self.start = eager.start if broker.store.runs_inline else eager.in_task
         self._all_closed: asyncio.Event | None = None
         self.windows = ReadWindows(broker.poll_duration)
         self._unflushed: list[HttpProtocol] = []
+
+    def room_for_answer(self, size: int) -> bool:
+        """Reserve ``size`` bytes for an answer being built; False when the budget is full.
+        The caller gives them back with ``release_answer`` once the answer is written."""
+        if self.buffered_request_bytes + self.held_output_bytes + size > self.limits.max_buffered:
+            return False
+        self.held_output_bytes += size
+        return True
+
+    def release_answer(self, size: int) -> None:
+        self.held_output_bytes -= size
 
     def flush_later(self, connection: HttpProtocol) -> None:
         """Send ``connection``'s output once this turn of the loop is over. All the responses
@@ -318,6 +335,7 @@ class HttpProtocol(asyncio.Protocol):
         "_fatal_error",
         "_head_received",
         "_header_bytes",
+        "_held_output",
         "_idle",
         "_in_head",
         "_out",
@@ -358,6 +376,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body: list[bytes] | None = None
         self._body_size = 0  # of the request arriving
         self._body_charge = 0  # of it, counted in state.buffered_request_bytes
+        self._held_output = 0  # output buffered while writing is paused, in state.held_output
         self._chunked = False  # its body is chunked (counted as it comes)
         self._parse_error: MegaphoneError | None = None
         self._in_head = False  # between a request's first byte and the end of its headers
@@ -415,7 +434,8 @@ class HttpProtocol(asyncio.Protocol):
         # the request bodies this connection still held leave the server's budget
         held = self._body_charge + sum(len(request.body) for request in self.queue)
         state.buffered_request_bytes -= held
-        self._body_charge = self.queued_bytes = 0
+        state.held_output_bytes -= self._held_output
+        self._body_charge = self.queued_bytes = self._held_output = 0
         for timer in (self.timer, self._abort_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
@@ -449,11 +469,16 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.transport is not None:
+            self._held_output = self.transport.get_write_buffer_size()
+            self.state.held_output_bytes += self._held_output
         # a client that takes nothing for a whole request timeout is gone or hostile
         self._stall_timer = self.loop.call_later(self.limits.request_timeout, self._write_stalled)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.state.held_output_bytes -= self._held_output  # down to the low-water mark
+        self._held_output = 0
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
