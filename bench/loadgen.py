@@ -333,7 +333,13 @@ class StreamReader(asyncio.Protocol):
         self, index: int, path: bytes, on_lines: LinesCallback, headers: bytes = b""
     ) -> None:
         self.index = index
+        self.path = path
         self.request = b"GET %b HTTP/1.1\r\nHost: bench\r\n%b\r\n" % (path, headers)
+        # megaphone: when the server ends the read (its window: time, or a full replay window),
+        # read again on the same connection from the last event, as a resuming client does
+        self.read_again = False
+        self.reads = 1
+        self.last_line = b""
         self.on_lines = on_lines
         self.resume = b""  # the megaphone-resume response header, if any
         self.sse_id = ""  # server-sent events (nchan): the id of the event being read
@@ -391,7 +397,22 @@ class StreamReader(asyncio.Protocol):
         self.partial = lines.pop()
         lines = [line for line in lines if line]
         if lines:
+            self.last_line = lines[-1]
             self.on_lines(self, lines, t)
+        if self.ended and self.read_again and self.transport is not None:
+            self._read_again()
+
+    def _read_again(self) -> None:
+        at = self.last_line.find(b'"eid":"')
+        cursor = b"Last-Event-ID: %b\r\n" % self.last_line[at + 7 : at + 30] if at >= 0 else b""
+        self.head.clear()
+        self.in_body = self.ended = False
+        self.cbuf.clear()
+        self.remaining = self.skip = 0
+        self.partial = b""
+        self.reads += 1
+        assert self.transport is not None
+        self.transport.write(b"GET %b HTTP/1.1\r\nHost: bench\r\n%b\r\n" % (self.path, cursor))
 
     def _dechunk(self, data: bytes) -> bytes:
         buf = self.cbuf
@@ -442,6 +463,7 @@ async def open_readers(
     on_lines: LinesCallback,
     concurrency: int,
     refused: Counter[str] | None = None,
+    read_again: bool = False,
 ) -> list[StreamReader]:
     """Open one reader per path (at most ``concurrency`` opening at once); wait for every head.
 
@@ -456,6 +478,7 @@ async def open_readers(
         async with gate:
             for _ in range(OPEN_ATTEMPTS):
                 reader = StreamReader(index, path, on_lines)
+                reader.read_again = read_again
                 await loop.create_connection(lambda: reader, host, port)  # noqa: B023
                 try:
                     status = await asyncio.wait_for(reader.ready, 30)
@@ -758,7 +781,15 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
     load = Throughput(job, channels)
     paths = [c.read_path for c in channels]
     refused: Counter[str] = Counter()
-    readers = await open_readers(host, read_port(job), paths, load.on_lines, 100, refused)
+    readers = await open_readers(
+        host,
+        read_port(job),
+        paths,
+        load.on_lines,
+        100,
+        refused,
+        read_again=job["target"].startswith("megaphone"),
+    )
     paced = load.writer_source if load.rate else None
     conns = await connect(
         host, write_port(job), job["writers"], load.next_write, load.on_ack, own_source=paced
@@ -791,6 +822,7 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
     lost = len(load.acked_seqs - load.delivered_seqs)
     unacked_delivered = len(load.delivered_seqs - load.acked_seqs)
     readers_gone = sum(r.lost or r.ended for r in readers)
+    reads_per_reader = sum(r.reads for r in readers) / max(1, len(readers))
     close_all(readers)
 
     stats = window(start, end)
@@ -821,6 +853,7 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
         "write_errors": {str(k): v for k, v in load.write_errors.items()},
         "write_error_bodies": dict(load.error_bodies),
         "readers_ended_or_lost": readers_gone,
+        "reads_per_reader": reads_per_reader,
         "read_refused": dict(refused),
         "drain_s": drained_in,
         "server_metrics": metrics,
