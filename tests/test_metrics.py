@@ -88,3 +88,22 @@ async def test_gc_pauses_by_generation(server_factory: ServerFactory) -> None:
         gc.enable()
     await second.aclose()
     assert len(gc.callbacks) == hooks
+
+
+async def test_budget_gauges(server_factory: ServerFactory) -> None:
+    node = await server_factory(poll_duration_millis=300)
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        channel = await create_channel(http)
+        for n in range(3):
+            await http.post(f"/write/{channel['producerAddress']}/s", json=n)
+        text = (await http.get("/metrics")).text
+        assert sample(text, "megaphone_open_connections") >= 1
+        assert sample(text, "megaphone_refused_connections") == 0
+        assert sample(text, "megaphone_buffered_io_bytes") == 0
+        assert sample(text, "megaphone_gc_frozen_objects") == gc.get_freeze_count()
+        if node.settings.store == "memory":
+            held = sample(text, "megaphone_pending_bytes")
+            assert held > 3 * 60  # three events, each its line plus its bookkeeping
+            assert held == node.store.budget.used  # type: ignore[attr-defined]
+        else:
+            assert "megaphone_pending_bytes" not in text

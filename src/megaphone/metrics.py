@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
 
@@ -145,6 +145,10 @@ class Metrics:
         self._registry.register(GC_WATCH.pause)
         self._registry.register(GC_WATCH.longest)
         self._gc_watched = False
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A gauge read on scrape (``megaphone_<name>``): the budgets and what uses them."""
+        Gauge(f"megaphone_{name}", help_text, registry=self._registry).set_function(read)
 
     def watch_gc(self) -> None:
         """Time garbage collections from now on (the process-wide hook); repeating is harmless."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -87,10 +88,43 @@ class MegaphoneServer:
             ),
         )
         self.gc_policy = GcPolicy(settings.gc_freeze_interval_millis / 1000)
+        self._gauges()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         self.port = 0
+
+    def _gauges(self) -> None:
+        """What each budget of issue #9 holds, read on scrape."""
+        http, gauge = self.http, self.metrics.gauge
+        if isinstance(self.store, MemoryStore):
+            budget = self.store.budget
+            gauge(
+                "pending_bytes",
+                "Bytes of pending and unconfirmed events held (budget: max_pending_bytes)",
+                lambda: budget.used,
+            )
+        gauge(
+            "buffered_io_bytes",
+            "Request bodies and answers held for slow clients, in bytes "
+            "(budget: max_buffered_request_bytes)",
+            lambda: http.buffered_request_bytes + http.held_output_bytes,
+        )
+        gauge(
+            "open_connections",
+            "Connections served (budget: max_connections)",
+            lambda: len(http.connections),
+        )
+        gauge(
+            "refused_connections",
+            "Connections refused at max_connections since the start",
+            lambda: http.refused_connections,
+        )
+        gauge(
+            "gc_frozen_objects",
+            "Objects frozen out of the garbage collector's full collections",
+            gc.get_freeze_count,
+        )
 
     async def start(self) -> None:
         if self._closed:
