@@ -3,6 +3,7 @@
     python3 bench/run.py [--quick] [--duration 10]
         [--targets megaphone,megaphone-redis,megaphone-redis-2n,nchan,pushpin]
         [--workloads throughput,latency,idle,batch,create,scale,sweep,resume,churn] [--repeat 3]
+    python3 bench/run.py --workloads limits [--quick]     # bench/limits.py: issue #9's attacks
 
 Targets: megaphone on its memory store; megaphone on the Redis store, one node
 (``megaphone-redis``) and two nodes on one Redis (``megaphone-redis-2n``: writes on node A, reads
@@ -2069,7 +2070,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"comma-separated, from {','.join(WORKLOADS)} (all that each target can run; "
         "megaphone-redis-2n: not scale, sweep, resume, churn, megaphone-redis: not resume, "
-        "churn, unless named here)",
+        "churn, unless named here); or `limits` alone: bench/limits.py (issue #9's attacks)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
@@ -2093,7 +2094,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def limits_only(argv: list[str] | None) -> list[str] | None:
+    """``--workloads limits`` (alone): issue #9's attacks, run by ``bench/limits.py`` with its
+    own servers and table; the arguments to pass it, else None."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--workloads")
+    early.add_argument("--quick", action="store_true")
+    early.add_argument("--output")
+    known, _ = early.parse_known_args(argv)
+    if known.workloads != "limits":
+        return None
+    return ["--quick"] * known.quick + (["--output", known.output] if known.output else [])
+
+
 def main(argv: list[str] | None = None) -> int:
+    limits_args = limits_only(argv)
+    if limits_args is not None:
+        import limits  # beside this file
+
+        return limits.main(limits_args)
     args = parse_args(argv)
     duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
     nofile = raise_nofile()
