@@ -100,7 +100,7 @@ async def test_budget_gauges(server_factory: ServerFactory) -> None:
         assert sample(text, "megaphone_open_connections") >= 1
         assert sample(text, "megaphone_refused_connections") == 0
         assert sample(text, "megaphone_buffered_io_bytes") == 0
-        assert sample(text, "megaphone_gc_frozen_objects") == gc.get_freeze_count()
+        assert sample(text, "megaphone_gc_frozen_objects") > 0  # the policy froze start-up
         if node.settings.store == "memory":
             held = sample(text, "megaphone_pending_bytes")
             assert held > 3 * 60  # three events, each its line plus its bookkeeping

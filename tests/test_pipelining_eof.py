@@ -67,6 +67,9 @@ class ClosingTransport(asyncio.Transport):
         self.sent: list[bytes] = []
         self.closing = False
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.closing:
             self.sent.append(bytes(data))

@@ -46,6 +46,7 @@ WRITTEN_RESPONSE = wire.response(WRITTEN[0], WRITTEN[1], content_type=WRITTEN[2]
 MAX_PIPELINE = 32
 HEAD_SLACK = 64  # request line and blank line framing, on top of the target and header limits
 LINGER_SECONDS = 5.0  # the most we keep draining a client after refusing its request
+OUTPUT_HIGH_WATER = 16_384  # bytes of unsent output before a connection's writing pauses
 TIMER_SLACK = 0.002  # a timer may fire this much before its time (the loop's clock ticks in ms)
 PIPELINE_HEAD_BYTES = 256  # what a queued request's head counts against max_pipeline_bytes
 REFUSAL_LOG_SECONDS = 10.0  # at most one warning this often about refused connections
@@ -407,6 +408,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # what the kernel does not take waits in our buffer: past this, writing pauses (and the
+        # buffer counts in the I/O budget), so a client that does not read holds little
+        self.transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER)
         state = self.state
         if len(state.connections) >= self.limits.max_connections:
             self._refuse()
