@@ -141,11 +141,17 @@ def start_node(workdir: Path, store: str = "memory") -> Node:
 def stop_node(node: Node) -> list[str]:
     """SIGTERM (SIGKILL after 10 s), redis-server last; the log lines at WARNING and above."""
     problems, _ = run.stop(node.server)
-    problems = [p for p in problems if " log (" not in p]  # megaphone logs at INFO here
+    problems = [p for p in problems if not run_stop_log_line(p)]
     problems.extend(log_warnings(node.server.log))
     if node.redis is not None:
         problems.extend(run.stop(node.redis)[0])
     return problems
+
+
+def run_stop_log_line(problem: str) -> bool:
+    """``run.stop``'s summary of the log: it counts every line, and megaphone logs at INFO here
+    (``log_warnings`` keeps what matters)."""
+    return problem.startswith("megaphone log")
 
 
 def log_warnings(log: Path) -> list[str]:
@@ -155,7 +161,7 @@ def log_warnings(log: Path) -> list[str]:
         for line in log.read_text(errors="replace").splitlines():
             if any(f"level={level}" in line for level in ("warning", "error", "critical")):
                 kinds[line.split(" ", 1)[1][:300] if " " in line else line] += 1
-    return [f"megaphone log ({n:,}x): {message}" for message, n in kinds.most_common(6)]
+    return [f"logged {n:,}x: {message}" for message, n in kinds.most_common(6)]
 
 
 @contextlib.contextmanager
@@ -1017,6 +1023,8 @@ def fmt_answers(answers: dict[str, int]) -> str:
 
 def healthz(result: dict[str, Any]) -> str:
     window = result.get("healthz") or {}
+    if window.get("probes") == 0:
+        return "— (no probe in so short a phase)"
     return fmt_ms(window.get("max_ms"))
 
 
@@ -1065,12 +1073,8 @@ def rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
         yield name, "GC pauses over 50 ms", "—", "—" if over is None else f"{over:,}"
         yield name, "/healthz max latency", BEFORE_FLOOD_HEALTHZ, healthz(first)
         expired = "all" if expiry["all_expired"] else "NOT all"
-        yield (
-            name,
-            f"RSS once {expired} expired ({expiry['waited_s']:.0f} s)",
-            (BEFORE_FLOOD_RSS_EXPIRED),
-            fmt_mib(expiry["rss_after_mib"]),
-        )
+        after = f"{fmt_mib(expiry['rss_after_mib'])} ({expired} after {expiry['waited_s']:.0f} s)"
+        yield name, "RSS once every channel expired", BEFORE_FLOOD_RSS_EXPIRED, after
         yield name, "/healthz max latency during the expiry sweeps", "—", healthz(expiry)
         yield name, "second flood: answers", "—", fmt_answers(second["answers"])
         grew = second["rss_peak_mib"] - first["rss_peak_mib"]
@@ -1202,6 +1206,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, default=run.RESULTS / "limits.json")
     parser.add_argument(
+        "--reprint",
+        type=Path,
+        default=None,
+        help="print the table of a saved run (its JSON) instead of running anything",
+    )
+    parser.add_argument(
         "--compare",
         type=Path,
         default=None,
@@ -1227,6 +1237,10 @@ async def run_all(scenarios: list[str], quick: bool) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    compare = json.loads(args.compare.read_text()) if args.compare else None
+    if args.reprint is not None:
+        report(json.loads(args.reprint.read_text()), compare, args.reprint)
+        return 0
     run.raise_nofile()
     if run.pinned(run.LOADGEN_CPU):
         os.sched_setaffinity(0, {run.LOADGEN_CPU})
@@ -1234,32 +1248,42 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: no CPU pinning (needs taskset and 2+ CPUs)", file=sys.stderr)
     started = dt.datetime.now(dt.UTC)
     source = server_source()
-    compare = json.loads(args.compare.read_text()) if args.compare else None
     results = uvloop.run(run_all(args.scenarios, args.quick))
     elapsed = (dt.datetime.now(dt.UTC) - started).total_seconds()
-    report = {
+    saved = {
         "started": started.isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 1),
         "megaphone_source": source,
         "quick": args.quick,
+        "machine": f"nproc {os.cpu_count()} · {run.cpu_model()}",
         "results": results,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    args.output.write_text(json.dumps(saved, indent=2) + "\n")
+    report(saved, compare, args.output)
+    return 0
+
+
+def report(saved: dict[str, Any], compare: dict[str, Any] | None, path: Path) -> None:
+    """The run's header line, its table and the server's problems, on stdout."""
     print(
-        f"\n{report['started']} · limits{' --quick (counts ÷ 10)' if args.quick else ''} · "
-        f"nproc {os.cpu_count()} · {run.cpu_model()} · server on CPU {run.SERVER_CPU}, "
-        f"attacker on CPU {run.LOADGEN_CPU} · default settings · run took {elapsed:.0f} s · "
-        f"megaphone {source}\n"
+        f"\n{saved['started']} · limits{' --quick (counts ÷ 10)' if saved['quick'] else ''} · "
+        f"{saved.get('machine', '')} · server on CPU {run.SERVER_CPU}, attacker on CPU "
+        f"{run.LOADGEN_CPU} · default settings · run took {saved['elapsed_s']:.0f} s · "
+        f"megaphone {saved['megaphone_source']}\n"
     )
-    print(table(results, compare))
-    problems = [p for r in flatten(results) for p in r.get("problems", [])]
+    print(table(saved["results"], compare))
+    problems = [
+        p
+        for r in flatten(saved["results"])
+        for p in r.get("problems", [])
+        if not run_stop_log_line(p)
+    ]
     if problems:
         print("\nServer problems (log lines at WARNING and above, exits):")
         for line in problems:
             print(f"- {line}")
-    print(f"\nfull results: {args.output}")
-    return 0
+    print(f"\nfull results: {path}")
 
 
 def flatten(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
