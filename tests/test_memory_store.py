@@ -382,3 +382,22 @@ async def test_nothing_is_delivered_before_start(store: MemoryStore) -> None:
     assert sink.lines == []
     subscription.start()
     assert len(sink.lines) == 1
+
+
+async def test_with_resume_off_a_delivery_frees_the_budget_for_waiting_writers(
+    clock: FakeClock,
+) -> None:
+    size = len(make_event("s", 0).line) + EVENT_OVERHEAD
+    store = MemoryStore(
+        metrics=Metrics(), capacity=100, replay_size=0, budget_bytes=2 * size, clock=clock
+    )
+    _, a = await new_channel(store)
+    _, b = await new_channel(store)
+    await store.write(a, make_event("s", 0), 0)
+    await store.write(a, make_event("s", 1), 0)
+    waiting = asyncio.create_task(store.write(b, make_event("s", 9), 5))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await open_read(store, a, Sink())  # delivered, not kept: the bytes go back at once
+    await waiting
+    assert store.budget.used == size

@@ -229,6 +229,9 @@ class MemoryChannel:
         if pending is not None and not pending and self.pending is pending:
             self.pending = None
         self._admit_waiters()
+        store = self.store
+        if store.starved and not store.window_size:
+            store.admit_starved()  # with resume off, a delivery gives its bytes back
         if self._window_full() and self.sink is sink:
             sink.window_full()
 
@@ -358,6 +361,7 @@ class MemoryStore(ChannelStore):
         # channels whose queued writers wait for the node's budget, in arrival order
         self.starved: dict[MemoryChannel, None] = {}
         self.stopped: Exception | None = None  # shutting down: writes no longer wait
+        self._admitting = False
 
     def _schedule(self, channel: MemoryChannel) -> None:
         self._seq += 1
@@ -405,6 +409,8 @@ class MemoryStore(ChannelStore):
         channel.waiters.append(waiter)
         if len(channel.waiters) == 1:
             channel._admit_waiters()  # notes a wait for the node's budget
+            if waiter.future.done() and channel.sink is not None and channel.sink.writable:
+                channel.flush()
         try:
             await waiter.future
         finally:
@@ -433,6 +439,15 @@ class MemoryStore(ChannelStore):
 
     def admit_starved(self) -> None:
         """Bytes were released: admit writers that waited for the node's budget, in order."""
+        if self._admitting:
+            return  # a flush below released bytes: the loop here goes on with them
+        self._admitting = True
+        try:
+            self._admit_starved()
+        finally:
+            self._admitting = False
+
+    def _admit_starved(self) -> None:
         starved = self.starved
         budget = self.budget
         while starved and budget.used < budget.limit:
