@@ -301,32 +301,71 @@ async def test_channel_buffer_is_bounded_by_bytes(clock: FakeClock) -> None:
     await store.write(other, make_event("s", "x" * 10_000), 0)
 
 
-async def test_node_budget_makes_writers_wait_until_bytes_are_released(clock: FakeClock) -> None:
+async def test_node_budget_counts_waiting_writes_and_refuses_past_it(clock: FakeClock) -> None:
     size = len(make_event("s", 0).line) + EVENT_OVERHEAD
-    store = MemoryStore(metrics=Metrics(), capacity=100, budget_bytes=3 * size, clock=clock)
+    store = MemoryStore(metrics=Metrics(), capacity=2, budget_bytes=3 * size, clock=clock)
     _, a = await new_channel(store)
     _, b = await new_channel(store)
-    for n in range(3):
+    for n in range(2):
         await store.write(a, make_event("s", n), 0)
-    assert store.budget.used == 3 * size
-    with pytest.raises(WriteTimeout, match="budget"):
-        await store.write(b, make_event("s", 9), 0)
-    waiting = asyncio.create_task(store.write(b, make_event("s", 9), 5))
+    # a full channel: the write waits, and its event counts while it waits
+    waiting = asyncio.create_task(store.write(a, make_event("s", 2), 5))
     await asyncio.sleep(0)
-    assert not waiting.done()
-    # a reader of a takes the three events: still unconfirmed, still held
+    assert store.budget.used == 3 * size
+    # the node's budget is full: refused at once, whatever the channel
+    with pytest.raises(WriteTimeout, match="budget"):
+        await store.write(b, make_event("s", 9), 5)
+    # a reader takes a's events: the waiting write gets in (its bytes were already counted)
     sink = Sink()
     subscription = await open_read(store, a, sink)
-    assert len(sink.lines) == 3
-    await asyncio.sleep(0)
-    assert not waiting.done()
-    subscription.close()
-    # the next read's cursor confirms them: the bytes go back and b's writer gets in
-    await open_read(store, a, Sink(), after=eids(sink)[-1])
     await waiting
-    assert store.budget.used == size
-    assert await store.delete(b)
+    assert len(sink.lines) == 3
+    assert store.budget.used == 3 * size  # unconfirmed, still held
+    subscription.close()
+    await open_read(store, a, Sink(), after=eids(sink)[-1])  # confirmed: released
     assert store.budget.used == 0
+    await store.write(b, make_event("s", 9), 0)
+
+
+async def test_a_waiting_write_gives_its_bytes_back_when_it_ends(clock: FakeClock) -> None:
+    store = MemoryStore(metrics=Metrics(), capacity=1, clock=clock)
+    _, key = await new_channel(store)
+    await store.write(key, make_event("s", 0), 0)
+    held = store.budget.used
+    with pytest.raises(WriteTimeout):
+        await store.write(key, make_event("s", 1), 0.01)  # timed out
+    cancelled = asyncio.create_task(store.write(key, make_event("s", 2), 5))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert store.budget.used == held
+    deleted = asyncio.create_task(store.write(key, make_event("s", 3), 5))
+    await asyncio.sleep(0)
+    assert await store.delete(key)
+    with pytest.raises(NotFound):
+        await deleted
+    assert store.budget.used == 0
+
+
+async def test_a_mass_expiry_lets_the_loop_run(store: MemoryStore, clock: FakeClock) -> None:
+    for _ in range(5000):
+        await new_channel(store)
+    clock.now += 61
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    before = turns
+    assert len(await store.expire()) == 5000
+    counter.cancel()
+    assert turns - before >= 2  # it yielded between batches
 
 
 async def test_resume_off_keeps_nothing(clock: FakeClock) -> None:
@@ -382,22 +421,3 @@ async def test_nothing_is_delivered_before_start(store: MemoryStore) -> None:
     assert sink.lines == []
     subscription.start()
     assert len(sink.lines) == 1
-
-
-async def test_with_resume_off_a_delivery_frees_the_budget_for_waiting_writers(
-    clock: FakeClock,
-) -> None:
-    size = len(make_event("s", 0).line) + EVENT_OVERHEAD
-    store = MemoryStore(
-        metrics=Metrics(), capacity=100, replay_size=0, budget_bytes=2 * size, clock=clock
-    )
-    _, a = await new_channel(store)
-    _, b = await new_channel(store)
-    await store.write(a, make_event("s", 0), 0)
-    await store.write(a, make_event("s", 1), 0)
-    waiting = asyncio.create_task(store.write(b, make_event("s", 9), 5))
-    await asyncio.sleep(0)
-    assert not waiting.done()
-    await open_read(store, a, Sink())  # delivered, not kept: the bytes go back at once
-    await waiting
-    assert store.budget.used == size

@@ -283,6 +283,7 @@ class Api:
         producer, stream = params
         stream_id = decode_segment(stream)
         body = parse_json(request.body)
+        request.body = b""  # parsed: a write that waits for room holds its event, not this
         pending = self.broker.write_now(decode_segment(producer), stream_id, body)
         return WRITTEN if pending is None else self._written(pending)
 
@@ -292,6 +293,7 @@ class Api:
 
     async def write_batch(self, request: Request, params: list[str]) -> Result:
         batch = parse_model(WriteBatchBody, request.body)
+        request.body = b""  # parsed: what waits holds the events, not this
         messages = [(m.stream_id, m.body) for m in batch.messages]
         self.broker.check_batch(batch.channels, messages)  # a 4xx comes first
         # the answer's size at worst (every write failing) is reserved from the server's I/O

@@ -14,8 +14,9 @@ Memory is bounded three ways (issue #9):
   (:meth:`ReadSink.window_full`) so that the client reconnects and confirms what it got. Whatever
   the client's connection held in flight when it broke is therefore still in the window: a reader
   that resumes with its last ``eid`` loses nothing, however slowly it reads;
-* per node, :class:`Budget`: pending and unconfirmed events of every channel together
-  (``max_pending_bytes``); a write past it waits for room too.
+* per node, :class:`Budget`: pending, unconfirmed and waiting events of every channel together
+  (``max_pending_bytes``); a write past it is refused at once (``WriteTimeout``), since waiting
+  would hold its bytes too.
 
 Each event counts its serialised size plus :data:`EVENT_OVERHEAD` (the objects that hold it), so the
 budgets follow what the process really holds. An idle channel is one object tracked by the cyclic
@@ -37,6 +38,7 @@ from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
 
 ROOM, CHANNEL_FULL, BUDGET_FULL = 0, 1, 2
+EXPIRE_BATCH = 2_000  # channels deleted per turn of the event loop by a sweep
 # a channel's key as stored: a plain (agent, digest) tuple. It hashes and compares like the
 # ChannelKey it comes from, but the cyclic GC stops tracking it (it never untracks a named tuple),
 # so neither the key nor the expiry heap's entries cost a full collection anything
@@ -229,25 +231,25 @@ class MemoryChannel:
         if pending is not None and not pending and self.pending is pending:
             self.pending = None
         self._admit_waiters()
-        store = self.store
-        if store.starved and not store.window_size:
-            store.admit_starved()  # with resume off, a delivery gives its bytes back
         if self._window_full() and self.sink is sink:
             sink.window_full()
 
     def _admit_waiters(self) -> None:
+        """Move queued writers into the buffer while it has room (their bytes are already
+        counted in the node's budget: a waiting write holds its event)."""
         waiters = self.waiters
+        store = self.store
         while waiters:
             waiter = waiters[0]
-            room = self.room(waiter.size)
-            if room != ROOM:
-                if room == BUDGET_FULL:
-                    self.store.starved[self] = None
+            pending = self.pending
+            if pending and (
+                len(pending) >= store.capacity
+                or self.pending_bytes + waiter.size > store.capacity_bytes
+            ):
                 return
             waiters.popleft()
             if waiter.timer is not None:
                 waiter.timer.cancel()
-            self.store.budget.used += waiter.size
             self._buffer(waiter.event, waiter.size)
             self.store.metrics.messages_received += 1
             if not waiter.future.done():
@@ -296,6 +298,7 @@ class MemoryChannel:
         waiters, self.waiters = self.waiters, None
         while waiters:
             waiter = waiters.popleft()
+            self.store.budget.used -= waiter.size
             if waiter.timer is not None:
                 waiter.timer.cancel()
             if not waiter.future.done():
@@ -358,10 +361,7 @@ class MemoryStore(ChannelStore):
         self._deadlines: list[tuple[float, int, Key]] = []
         self._seq = 0
         self._per_agent: dict[str, int] = {}
-        # channels whose queued writers wait for the node's budget, in arrival order
-        self.starved: dict[MemoryChannel, None] = {}
         self.stopped: Exception | None = None  # shutting down: writes no longer wait
-        self._admitting = False
 
     def _schedule(self, channel: MemoryChannel) -> None:
         self._seq += 1
@@ -401,16 +401,16 @@ class MemoryStore(ChannelStore):
             raise self.stopped
         if wait <= 0:
             raise self._full(channel, size)
+        budget = self.budget
+        if budget.used + size > budget.limit:
+            raise self._budget_full()  # waiting would hold the event's bytes too
+        budget.used += size  # a waiting write holds its event: counted from now
         loop = asyncio.get_running_loop()
         waiter = _Waiter(event, size, loop.create_future())
         waiter.timer = loop.call_later(wait, self._expire_waiter, channel, waiter)
         if channel.waiters is None:
             channel.waiters = deque()
         channel.waiters.append(waiter)
-        if len(channel.waiters) == 1:
-            channel._admit_waiters()  # notes a wait for the node's budget
-            if waiter.future.done() and channel.sink is not None and channel.sink.writable:
-                channel.flush()
         try:
             await waiter.future
         finally:
@@ -418,12 +418,16 @@ class MemoryStore(ChannelStore):
                 waiter.timer.cancel()
                 if channel.waiters and waiter in channel.waiters:
                     channel.waiters.remove(waiter)
+                    budget.used -= size
+
+    def _budget_full(self) -> WriteTimeout:
+        return WriteTimeout(
+            f"this node's budget for buffered events ({self.budget.limit} bytes) is full"
+        )
 
     def _full(self, channel: MemoryChannel, size: int) -> WriteTimeout:
         if channel.room(size) == BUDGET_FULL:
-            return WriteTimeout(
-                f"this node's budget for buffered events ({self.budget.limit} bytes) stayed full"
-            )
+            return self._budget_full()
         return WriteTimeout(
             f"channel buffer stayed full ({self.capacity} events or {self.capacity_bytes} bytes)"
         )
@@ -435,31 +439,13 @@ class MemoryStore(ChannelStore):
             channel.waiters.remove(waiter)
         except ValueError:
             return
-        waiter.future.set_exception(self._full(channel, waiter.size))
-
-    def admit_starved(self) -> None:
-        """Bytes were released: admit writers that waited for the node's budget, in order."""
-        if self._admitting:
-            return  # a flush below released bytes: the loop here goes on with them
-        self._admitting = True
-        try:
-            self._admit_starved()
-        finally:
-            self._admitting = False
-
-    def _admit_starved(self) -> None:
-        starved = self.starved
-        budget = self.budget
-        while starved and budget.used < budget.limit:
-            channel = next(iter(starved))
-            del starved[channel]
-            if self._channels.get(channel.key) is not channel:
-                continue
-            channel._admit_waiters()
-            if channel.sink is not None and channel.sink.writable:
-                channel.flush()
-            if channel in starved:
-                break  # its next writer still does not fit
+        self.budget.used -= waiter.size
+        waiter.future.set_exception(
+            WriteTimeout(
+                f"channel buffer stayed full ({self.capacity} events or "
+                f"{self.capacity_bytes} bytes)"
+            )
+        )
 
     async def attach(self, key: ChannelKey, sink: ReadSink, after: str | None) -> Subscription:
         channel = self._get(key)
@@ -467,8 +453,6 @@ class MemoryStore(ChannelStore):
             raise Busy("channel already has a reader")
         channel.reader = sink
         status = channel.settle_cursor(after)
-        if self.starved:
-            self.admit_starved()
         return _MemorySubscription(self, channel, sink, status)
 
     def _detach(self, channel: MemoryChannel, sink: ReadSink) -> None:
@@ -482,19 +466,15 @@ class MemoryStore(ChannelStore):
             self._per_agent[channel.key[0]] = left
         else:
             self._per_agent.pop(channel.key[0], None)
-        self.starved.pop(channel, None)
         self.metrics.channel_disposed += 1
         self.metrics.messages_lost += channel.drop()
         self.metrics.channel_duration.observe(self.clock() - channel.created_at)
         reader, channel.reader, channel.sink = channel.reader, None, None
         if reader is not None:
             reader.end()
-        if self.starved:
-            self.admit_starved()
 
     def stop_waiting(self, error: Exception) -> None:
         self.stopped = error
-        self.starved.clear()
         for channel in self._channels.values():
             if channel.waiters:
                 channel.fail_waiters(error)
@@ -517,6 +497,9 @@ class MemoryStore(ChannelStore):
                 continue  # stale entry: deleted, being read, or read again since
             self._remove(channel)
             expired.append(channel.address)
+            if len(expired) % EXPIRE_BATCH == 0:
+                await asyncio.sleep(0)  # a mass expiry must not stall the node: let others in
+                now = min(now, self.clock())
         return expired
 
     async def list(self, skip: int, limit: int) -> list[ChannelInfo]:
