@@ -328,3 +328,40 @@ async def test_answers_held_for_clients_that_do_not_read_are_budgeted(
         assert node.http.held_output_bytes == 0
         assert node.http.buffered_request_bytes == 0
         assert (await http.post("/write-batch", content=big)).status_code == 201
+
+
+async def test_byte_budgets_answer_clearly_and_others_keep_going(
+    server_factory: ServerFactory,
+) -> None:
+    node = await server_factory(
+        channel_buffer_bytes=50_000,
+        max_pending_bytes=120_000,
+        write_timeout_millis=200,
+        poll_duration_millis=300,
+    )
+    big = {"pad": "x" * 30_000}
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:
+        a, b, c, d = [await create_channel(http) for _ in range(4)]
+        # one event always fits an empty buffer; the second is over the channel's bytes
+        assert (await http.post(f"/write/{a['producerAddress']}/s", json=big)).status_code == 201
+        full = await http.post(f"/write/{a['producerAddress']}/s", json=big)
+        assert full.status_code == 503
+        assert full.json()["code"] == "TIMEOUT"
+        assert "bytes" in full.json()["message"]
+        assert (await http.post(f"/write/{b['producerAddress']}/s", json=big)).status_code == 201
+        assert (await http.post(f"/write/{c['producerAddress']}/s", json=big)).status_code == 201
+        over = await http.post(f"/write/{d['producerAddress']}/s", json={"pad": "y" * 40_000})
+        if node.settings.store == "memory":
+            # three events of ~30 KB fill most of the node's 120 KB: refused at once
+            assert over.status_code == 503
+            assert over.json()["code"] == "TIMEOUT"
+            assert "budget" in over.json()["message"]
+            # reading and confirming gives the bytes back
+            events = (await http.get(f"/read/{a['consumerAddress']}")).content.splitlines()
+            last = orjson.loads(events[-1])["eid"]
+            await http.get(f"/read/{a['consumerAddress']}", headers={"Last-Event-ID": last})
+            again = await http.post(f"/write/{d['producerAddress']}/s", json={"pad": "y" * 40_000})
+            assert again.status_code == 201
+        else:  # the events live in Redis: only the channel's own bounds apply
+            assert over.status_code == 201
+        assert (await http.get("/healthz")).status_code == 200

@@ -143,18 +143,19 @@ class MemoryChannel:
         else:
             self.store.budget.used -= size
 
-    def confirm(self, count: int) -> None:
-        """Drop the ``count`` oldest sent events: the client has them."""
+    def confirm(self, keep: int) -> None:
+        """Drop the sent events but the ``keep`` newest: the client has them. Costs in proportion
+        to what is kept (usually nothing: a client resumes from the last event it got)."""
         sent = self.sent
-        if sent is None or not count:
+        if sent is None:
             return
-        released = 0
-        for _ in range(count):
-            released += _size(sent.popleft())
-        self.sent_bytes -= released
-        self.store.budget.used -= released
-        if not sent:
-            self.sent = None
+        if keep:
+            kept = deque(sent[i] for i in range(len(sent) - keep, len(sent)))
+            kept_bytes = sum(_size(event) for event in kept)
+        else:
+            kept, kept_bytes = None, 0
+        self.store.budget.used -= self.sent_bytes - kept_bytes
+        self.sent, self.sent_bytes = kept, kept_bytes
 
     # --- writing and delivery ----------------------------------------------------------------
 
@@ -262,15 +263,15 @@ class MemoryChannel:
         """Confirm the events up to ``after`` and queue the later sent ones for replay. A read
         without a cursor cannot resume: it confirms every event sent before it."""
         sent = self.sent
+        self.replay = None
         if after is None:
-            self.replay = None
-            if sent:
-                self.confirm(len(sent))
+            self.confirm(0)
             return ResumeStatus.NONE
         if sent:
-            for index, event in enumerate(sent):
-                if event.eid == after:
-                    self.confirm(index + 1)
+            # from the newest: a client usually resumes from the last event it received
+            for back in range(len(sent)):
+                if sent[-1 - back].eid == after:
+                    self.confirm(back)
                     self.confirmed = after
                     self.replay = list(self.sent) if self.sent else None
                     return ResumeStatus.RESUMED
