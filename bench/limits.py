@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ GiB = 1 << 30
 KEEP = 4096  # bytes of an answer body kept to show (all of it is counted)
 PIECE = 4096  # the slow reader takes this much at a time, then pauses
 PAUSE = 0.002  # seconds
-SCENARIOS = ("amplification", "flood", "big", "pipeline", "slow")
+SCENARIOS = ("amplification", "flood", "gc", "big", "pipeline", "slow")
 
 # --- "before": measured on main when issue #9 was filed (quoted from the issue) -------------
 BEFORE_AMP_STATUS = "201"
@@ -100,7 +100,7 @@ class Node:
         return self.server.proc.pid
 
 
-def start_node(workdir: Path, store: str = "memory") -> Node:
+def start_node(workdir: Path, store: str = "memory", extra: Sequence[str] = ()) -> Node:
     """``megaphone --address 127.0.0.1:<port>`` in ``workdir`` (no config file, no
     ``megaphone_*`` variable); on Redis, ``store`` and ``redis_url`` in ``megaphone.toml``."""
     redis: run.Server | None = None
@@ -112,7 +112,7 @@ def start_node(workdir: Path, store: str = "memory") -> Node:
         config.write_text(f'store = "redis"\nredis_url = "redis://{HOST}:{redis.port}/0"\n')
         args = ["--config", str(config)]
     port = run.free_port()
-    args = ["--address", f"{HOST}:{port}", *args]
+    args = ["--address", f"{HOST}:{port}", *args, *extra]
     command = [run.megaphone_executable(), *args]
     env = run.clean_env()
     checked = subprocess.run(
@@ -165,11 +165,13 @@ def log_warnings(log: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def fresh_node(store: str = "memory") -> Iterator[tuple[Node, list[str]]]:
+def fresh_node(
+    store: str = "memory", extra: Sequence[str] = ()
+) -> Iterator[tuple[Node, list[str]]]:
     """A node in its own temporary directory; its problems are appended to the list on exit."""
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="megaphone-limits-") as tmp:
-        node = start_node(Path(tmp), store)
+        node = start_node(Path(tmp), store, extra)
         try:
             yield node, problems
         finally:
@@ -706,6 +708,34 @@ async def flood(quick: bool) -> dict[str, Any]:
     return out
 
 
+async def gc_million(quick: bool) -> dict[str, Any]:
+    """Issue #9's GC target: 1M live channels (the one setting changed: ``max_channels``, whose
+    default is 500,000), then the longest collection while they live, and a forced full one."""
+    requests = 100_000 if quick else 1_000_000
+    with (
+        fresh_node(extra=["--max-channels", str(requests)]) as (node, problems),
+        watched(node) as (rss, probe),
+    ):
+        base = rss.mark()
+        started = now()
+        out = await flood_once(node.port, requests)
+        out.update(
+            rss_before_mib=mib(base),
+            rss_peak_mib=mib(rss.peak()),
+            healthz=probe.window(started, now()),
+            **gc_figures(await scrape(node.port)),
+        )
+        # idle with every channel alive: the policy's ticks and any automatic collection
+        started = now()
+        await asyncio.sleep(5)
+        out["idle"] = {"healthz": probe.window(started, now())}
+        out["idle"].update(gc_figures(await scrape(node.port)))
+        out["frozen"] = (await scrape(node.port)).get("megaphone_gc_frozen_objects")
+        print(f"  1M channels: {out}", file=sys.stderr)
+    out["problems"] = problems
+    return out
+
+
 # --- (c) big events -----------------------------------------------------------------------------
 
 
@@ -1088,6 +1118,18 @@ def rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
             fmt_ms(second["gc_longest_ms"]),
         )
         yield name, "second flood: /healthz max latency", "—", healthz(second)
+    if "gc" in results:
+        g = results["gc"]
+        name = f"b2. {g['created']:,} live channels (max_channels raised to that)"
+        yield name, "answers", "—", fmt_answers(g["answers"])
+        yield name, "server RSS peak", "—", fmt_mib(g["rss_peak_mib"])
+        yield name, "longest GC pause, creating them", BEFORE_FLOOD_GC, fmt_ms(g["gc_longest_ms"])
+        over = g["gc_over_50ms"]
+        yield name, "GC pauses over 50 ms", "—", "—" if over is None else f"{over:,}"
+        yield name, "/healthz max latency, creating them", "—", healthz(g)
+        idle = g["idle"]
+        yield name, "longest GC pause, whole run", "—", fmt_ms(idle["gc_longest_ms"])
+        yield name, "/healthz max latency, 5 s idle after", "—", healthz(idle)
     if "big" in results:
         b = results["big"]
         name = f"c. {b['writes']:,} writes of {b['body_bytes']:,} B (1 MiB) into 10 channels"
@@ -1188,6 +1230,7 @@ def server_source() -> str:
 RUNNERS: dict[str, Callable[[bool], Awaitable[dict[str, Any]]]] = {
     "amplification": amplification,
     "flood": flood,
+    "gc": gc_million,
     "big": big_events,
     "pipeline": pipelined,
     "slow": slow_reader,
