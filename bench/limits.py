@@ -702,8 +702,14 @@ async def flood(quick: bool) -> dict[str, Any]:
             **gc_figures(await scrape(node.port)),
         )
         print(f"  second flood: {second}", file=sys.stderr)
+        # and once more: a leak would grow every time, reuse stays at the first peak
+        await wait_expired(node.port, limit + 120)
+        third = await flood_once(node.port, requests)
+        third["rss_peak_mib"] = mib(rss.peak())
+        print(f"  third flood: {third}", file=sys.stderr)
         out["first"] = first
         out["second"] = second
+        out["third"] = third
     out["problems"] = problems
     return out
 
@@ -1118,6 +1124,16 @@ def rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
             fmt_ms(second["gc_longest_ms"]),
         )
         yield name, "second flood: /healthz max latency", "—", healthz(second)
+        third = f.get("third")
+        if third is not None:
+            grew = third["rss_peak_mib"] - second["rss_peak_mib"]
+            verdict = "not above the second" if grew <= 0 else f"{grew:+.1f} MiB above the second"
+            yield (
+                name,
+                "third flood: server RSS peak",
+                "—",
+                f"{fmt_mib(third['rss_peak_mib'])} ({verdict})",
+            )
     if "gc" in results:
         g = results["gc"]
         name = f"b2. {g['created']:,} live channels (max_channels raised to that)"
