@@ -450,3 +450,47 @@ async def test_sync_twin(server_factory: ServerFactory) -> None:
     assert (delayed.sid, delayed.body) == ("job", "done")
     assert signalled[0] == Gap(after="bogus")
     assert signalled[1].body == "z"
+
+
+async def test_read_retries_server_errors_then_ends_on_404() -> None:
+    line = b'{"sid":"s","eid":"e1","ts":"2026-12-02T10:00:00.000001Z","body":1}\n'
+    answers = [
+        httpx.Response(500, json={"code": "INTERNAL_SERVER_ERROR", "message": "x"}),
+        httpx.Response(503, json={"code": "STORE_UNAVAILABLE", "message": "x"}),
+        httpx.Response(200, content=line * 2),  # a duplicate, dropped
+        httpx.Response(200, content=line, headers={"megaphone-resume": "resumed"}),
+        httpx.Response(404, json={"code": "NOT_FOUND", "message": "gone"}),
+    ]
+    cursors: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        cursors.append(request.headers.get("last-event-id"))
+        return answers.pop(0)
+
+    async with AsyncMegaphone("http://megaphone.test", transport=httpx.MockTransport(answer)) as mp:
+        events: list[Any] = []
+
+        async def drain() -> None:
+            async for item in mp.read("agent.c.1"):
+                events.append(item)
+
+        with pytest.raises(ChannelNotFoundError) as info:
+            await drain()
+    assert info.value.message == "gone"
+    assert [(e.eid, e.body) for e in events] == [("e1", 1)]
+    assert cursors == [None, None, None, "e1", "e1"]
+
+
+async def test_client_across_two_nodes_on_one_redis(
+    server_factory: ServerFactory, store_settings: dict[str, Any]
+) -> None:
+    if store_settings["store"] != "redis":
+        pytest.skip("two nodes share channels on the Redis store only")
+    first = await server_factory(poll_duration_millis=300, replay_window_size=3)
+    second = await server_factory(poll_duration_millis=300, replay_window_size=3)
+    async with AsyncMegaphone(base_url(first)) as a, AsyncMegaphone(base_url(second)) as b:
+        channel = await a.create()
+        for n in range(8):
+            await (a if n % 2 else b).write(channel.producer_address, "s", n)
+        events = await take(b.read(channel.consumer_address), 8)
+    assert [e.body for e in events] == list(range(8))
