@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "src", "tests", "bench"],
-        ["ruff", "format", "--check", "src", "tests", "bench"],
+        ["ruff", "check", "src", "tests", "bench", "examples"],
+        ["ruff", "format", "--check", "src", "tests", "bench", "examples"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],
