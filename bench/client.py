@@ -24,7 +24,6 @@ import asyncio
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,6 @@ async def client_writes(url: str, producers: list[str], concurrency: int, second
 
 async def raw_writes(port: int, producers: list[str], concurrency: int, seconds: float) -> float:
     done = 0
-    statuses: Counter[int] = Counter()
     stop = time.monotonic() + seconds
     seq = 0
 
@@ -75,7 +73,6 @@ async def raw_writes(port: int, producers: list[str], concurrency: int, seconds:
 
     def sink(status: int, tag: int, body: bytes, rtt: float) -> None:
         nonlocal done
-        statuses[status] += 1
         done += status == 201
 
     started = time.monotonic()

@@ -107,15 +107,20 @@ class MemoryChannel:
 
     # --- room ----------------------------------------------------------------------------------
 
+    def _buffer_full(self, size: int) -> bool:
+        """Whether the pending buffer (events or bytes) has no room for ``size`` more bytes;
+        one event always fits an empty buffer."""
+        pending = self.pending
+        if not pending:
+            return False
+        store = self.store
+        return len(pending) >= store.capacity or self.pending_bytes + size > store.capacity_bytes
+
     def room(self, size: int) -> int:
         """ROOM if an event of ``size`` bytes can be buffered now, else what is full."""
-        store = self.store
-        pending = self.pending
-        if pending and (
-            len(pending) >= store.capacity or self.pending_bytes + size > store.capacity_bytes
-        ):
+        if self._buffer_full(size):
             return CHANNEL_FULL
-        budget = store.budget
+        budget = self.store.budget
         if budget.used + size > budget.limit:
             return BUDGET_FULL
         return ROOM
@@ -239,14 +244,9 @@ class MemoryChannel:
         """Move queued writers into the buffer while it has room (their bytes are already
         counted in the node's budget: a waiting write holds its event)."""
         waiters = self.waiters
-        store = self.store
         while waiters:
             waiter = waiters[0]
-            pending = self.pending
-            if pending and (
-                len(pending) >= store.capacity
-                or self.pending_bytes + waiter.size > store.capacity_bytes
-            ):
+            if self._buffer_full(waiter.size):
                 return
             waiters.popleft()
             if waiter.timer is not None:
