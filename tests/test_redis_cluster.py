@@ -321,6 +321,79 @@ async def test_max_channels_counts_the_whole_cluster(start_node: NodeFactory) ->
         assert (await http_a.post("/create")).json()["code"] == "CHANNEL_LIMIT"
 
 
+# --- any node serves any agent; agent keys survive Redis losing its data ---------------------
+
+
+async def test_nodes_with_different_agent_names_serve_each_others_channels(
+    start_node: NodeFactory,
+) -> None:
+    """Every node accepts every agent whose key is in Redis (learned on first sight), while
+    ``/create`` keeps using the node's own agent."""
+    a = await start_node(agent="nodea", poll_duration_millis=1000)
+    b = await start_node(agent="nodeb", poll_duration_millis=1000)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        for mine, other, name in ((http_a, http_b, "nodea"), (http_b, http_a, "nodeb")):
+            channel = await create_channel(mine)
+            assert channel["agentName"] == name
+            producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+            exists = await other.post("/channelsExists", json={"channels": [producer, consumer]})
+            assert exists.json() == {"channels": {producer: True, consumer: True}}
+            batch = await other.post(
+                "/write-batch",
+                json={"channels": [producer], "messages": [{"streamId": "s", "body": 0}]},
+            )
+            assert batch.json() == {"failures": []}
+            await write(other, producer, 1)
+            assert bodies(await read_events(other, consumer, 2)) == [0, 1]
+        assert (await create_channel(http_b))["agentName"] == "nodeb"
+        # an agent no node has: 404 (looked up, not learned), on every endpoint
+        foreign = channel["producerAddress"].replace("nodeb.", "nodez.", 1)
+        assert (await http_a.post(f"/write/{foreign}/s", json=1)).status_code == 404
+        consumer = channel["consumerAddress"].replace("nodeb.", "nodez.", 1)
+        assert (await http_a.get(f"/read/{consumer}")).status_code == 404
+        exists = await http_a.post("/channelsExists", json={"channels": [foreign]})
+        assert exists.json() == {"channels": {foreign: False}}
+    assert set(a.registry.learned) == {"nodeb"}
+    assert set(b.registry.learned) == {"nodea"}
+
+
+async def test_agent_keys_survive_redis_losing_its_data(
+    start_node: NodeFactory, redis_client: aioredis.Redis, prefix: str
+) -> None:
+    """FLUSHALL between nodes: running nodes write back the keys they use (their own and those
+    they learned) with HSETNX; a node started afterwards with a lost agent's name finds its key,
+    so producer addresses minted before the loss still open everywhere (their channels are gone:
+    404, not a 400 for an address that no longer decrypts)."""
+    a = await start_node(agent="nodea")
+    b = await start_node(agent="nodeb")
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        channel = await create_channel(http_a)
+        before = channel["producerAddress"]
+        await write(http_b, before, 0)  # B learns nodea's key
+        await a.aclose(grace=1.0)  # nodea's own node is gone: B alone still knows its key
+        await redis_client.flushall()
+        agents = prefix + "agents"
+
+        async def restored() -> bool:
+            return bool(await redis_client.hlen(agents) == 2)
+
+        await wait_for(restored, "the running node to restore both keys")
+        c = await start_node(agent="nodea")  # a new node of the lost agent: no new key minted
+        async with httpx.AsyncClient(base_url=base_url(c), timeout=30) as http_c:
+            for http in (http_b, http_c):
+                reply = await http.post(f"/write/{before}/s", json=1)
+                assert reply.status_code == 404, reply.text  # opened: same key, channel gone
+            fresh = await create_channel(http_c)
+            await write(http_b, fresh["producerAddress"], 2)
+            assert bodies(await read_events(http_b, fresh["consumerAddress"], 1)) == [2]
+
+
 # --- 2. a node killed mid-read ----------------------------------------------------------------
 
 

@@ -134,6 +134,8 @@ class MegaphoneServer:
         for name, mode in settings.agents.items():
             key = shared[name] if shared is not None else None
             self.registry.add(name, mode, settings.agent_warmup_secs, key=key)
+        if shared is not None:  # any node serves any agent whose key the store shares
+            self.registry.lookup = self.store.agent_key
         await self.store.start()
         host, port = self.settings.host_port
         loop = asyncio.get_running_loop()

@@ -12,13 +12,14 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from megaphone.config import Settings
-from megaphone.core.addressing import new_consumer_address
+from megaphone.core.addressing import ChannelKey, new_consumer_address
 from megaphone.core.agents import AgentRegistry
 from megaphone.core.events import Event, make_event
 from megaphone.errors import (
     BadRequest,
     BatchTooLarge,
     MegaphoneError,
+    NotFound,
     ShuttingDown,
     Skipped,
     Unavailable,
@@ -87,11 +88,31 @@ class Broker:
         """Write one event: None when it is already accepted (a channel with room on a store that
         needs no I/O, the hot path, no coroutine at all), else the write still to await."""
         self.check_stream_id(stream_id)
-        key = self.registry.addresses.producer(producer)
+        try:
+            key = self.registry.addresses.producer(producer)
+        except MegaphoneError:
+            if not self.registry.may_learn(producer):
+                raise
+            return self._write_learning(producer, stream_id, body)
         event = make_event(stream_id, body)
         if self.store.write_now(key, event):
             return None
         return self.store.write(key, event, self.write_timeout)
+
+    async def _write_learning(self, producer: str, stream_id: str, body: Any) -> None:
+        key = await self._resolve(self.registry.addresses.producer, producer)
+        await self.store.write(key, make_event(stream_id, body), self.write_timeout)
+
+    async def _resolve(self, resolve: Callable[[str], ChannelKey], address: str) -> ChannelKey:
+        """``resolve(address)``; an address of an agent this node does not know (or whose key
+        it learned and that does not open it) first learns the agent's key from the store, when
+        the store shares them (Redis: any node serves any agent)."""
+        try:
+            return resolve(address)
+        except (BadRequest, NotFound):
+            if not await self.registry.learn(address):
+                raise
+        return resolve(address)
 
     async def write(self, producer: str, stream_id: str, body: Any) -> None:
         pending = self.write_now(producer, stream_id, body)
@@ -135,7 +156,7 @@ class Broker:
     async def _write_all(self, channel: str, events: list[Event]) -> list[dict[str, Any]]:
         failures: list[dict[str, Any]] = []
         try:
-            key = self.registry.addresses.producer(channel)
+            key = await self._resolve(self.registry.addresses.producer, channel)
         except MegaphoneError as exc:
             return [
                 {"channel": channel, "index": i, "reason": exc.code} for i in range(len(events))
@@ -154,7 +175,7 @@ class Broker:
 
     async def attach(self, consumer: str, sink: ReadSink, after: str | None = None) -> Subscription:
         """Attach a reader; ``after`` is its resume cursor (the last eid it received)."""
-        key = self.registry.addresses.consumer(consumer)
+        key = await self._resolve(self.registry.addresses.consumer, consumer)
         return await self.store.attach(key, sink, after)
 
     async def ready(self) -> str | None:
@@ -174,8 +195,8 @@ class Broker:
         out: dict[str, bool] = {}
         for address in addresses:
             try:
-                key = self.registry.addresses.any(address)
-            except MegaphoneError:
+                key = await self._resolve(self.registry.addresses.any, address)
+            except (BadRequest, NotFound):
                 out[address] = False
             else:
                 out[address] = await self.store.exists(key)

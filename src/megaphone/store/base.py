@@ -128,7 +128,13 @@ class ChannelStore(abc.ABC):
         """Raise ``StoreUnavailable`` when the store cannot serve requests now."""
 
     async def agent_keys(self, names: builtins.list[str]) -> dict[str, bytes] | None:
-        """Agent keys shared by every node of the store, or None for keys local to this process."""
+        """Agent keys shared by every node of the store, or None for keys local to this process.
+        A store that shares them keeps them: it restores them if it finds them lost."""
+        return None
+
+    async def agent_key(self, name: str) -> bytes | None:
+        """The shared key of an agent (of any node), or None when the store knows no such agent
+        (or shares no keys). A store that shares keys keeps the ones it answered, as above."""
         return None
 
     def stop_waiting(self, error: Exception) -> None:  # noqa: B027 - optional hook

@@ -281,8 +281,10 @@ class RedisStore(ChannelStore):
         poll: float = 5.0,
         max_connections: int = 256,
         timeout: float = 5.0,
+        agent_check: float = 1.0,
     ) -> None:
         self.metrics = metrics
+        self.agent_check = agent_check  # how often the agent keys are checked (and restored)
         self.prefix = prefix
         self.capacity = capacity
         self.capacity_bytes = capacity_bytes
@@ -342,6 +344,8 @@ class RedisStore(ChannelStore):
         self._releasing: dict[str, asyncio.Future[None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._kept: dict[str, bytes] = {}  # agent keys this node uses: restored if Redis loses them
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._started = False
@@ -383,6 +387,7 @@ class RedisStore(ChannelStore):
         else:
             self._listener = loop.create_task(self._listen())
         self._ticker = loop.create_task(self._tick())
+        self._keeper = loop.create_task(self._keep_agents())
 
     async def _subscribe(self, channel: str) -> None:
         if self._subscriber is not None:
@@ -405,7 +410,8 @@ class RedisStore(ChannelStore):
         await self._call(self.redis.ping())
 
     async def agent_keys(self, names: list[str]) -> dict[str, bytes]:
-        """Each agent's key, shared by every node: the first node to start creates it."""
+        """Each agent's key, shared by every node: the first node to start creates it (HSETNX,
+        so two nodes starting together agree). The store keeps them (see _keep_agents)."""
         keys: dict[str, bytes] = {}
         for name in names:
             candidate = base64.b64encode(new_agent_key())
@@ -413,7 +419,46 @@ class RedisStore(ChannelStore):
             stored = await self._call(self.redis.hget(self._agents, name))
             assert stored is not None
             keys[name] = base64.b64decode(stored)
+        self._kept.update(keys)
         return keys
+
+    async def agent_key(self, name: str) -> bytes | None:
+        """Any node's agent key, as stored; kept from then on like this node's own."""
+        stored = await self._call(self.redis.hget(self._agents, name))
+        if stored is None:
+            return None
+        key = base64.b64decode(stored)
+        self._kept[name] = key
+        return key
+
+    async def restore_agent_keys(self) -> list[str]:
+        """Write back the kept keys that Redis lost (``FLUSHALL``, a restart without
+        persistence, eviction), each with HSETNX: whichever node restores a key first, every
+        node restores the same one. The names restored by this call."""
+        if not self._kept:
+            return []
+        names = list(self._kept)
+        stored = await self._call(self.redis.hmget(self._agents, names))
+        restored: list[str] = []
+        for name, value in zip(names, stored, strict=True):
+            if value is None:
+                encoded = base64.b64encode(self._kept[name])
+                if await self._call(self.redis.hsetnx(self._agents, name, encoded)):
+                    restored.append(name)
+            elif base64.b64decode(value) != self._kept[name]:
+                # another key was minted meanwhile (a node started in the moment between the loss
+                # and the restore): ours stays in use here; addresses of the other do not open
+                log.error("agent key conflict: Redis holds another key", extra={"agent": name})
+        if restored:
+            log.warning("agent keys restored", extra={"agents": ",".join(restored)})
+        return restored
+
+    async def _keep_agents(self) -> None:
+        while True:
+            await asyncio.sleep(self.agent_check)
+            # Redis away: the next check restores them once it is back
+            with contextlib.suppress(StoreUnavailable):
+                await self.restore_agent_keys()
 
     # --- ChannelStore -----------------------------------------------------------------------
 
@@ -688,7 +733,7 @@ class RedisStore(ChannelStore):
         self._closed = True
         for subscription in list(self._readers.values()):
             subscription.close()
-        for task in (self._listener, self._ticker):
+        for task in (self._listener, self._ticker, self._keeper):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
