@@ -194,7 +194,15 @@ async def test_closed_client() -> None:
 
 
 async def test_network_error_is_translated() -> None:
-    async with AsyncMegaphone("http://127.0.0.1:9", timeout=2) as mp:
+    async with AsyncMegaphone("http://127.0.0.1:9", timeout=2) as mp:  # the client's own pool
+        with pytest.raises(TransportError) as info:
+            await mp.create()
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    with Megaphone("http://127.0.0.1:9", timeout=2) as sync, pytest.raises(TransportError) as info:
+        sync.create()
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    transport = httpx.AsyncHTTPTransport()  # through httpx: its error, translated
+    async with AsyncMegaphone("http://127.0.0.1:9", timeout=2, transport=transport) as mp:
         with pytest.raises(TransportError) as info:
             await mp.create()
     assert isinstance(info.value.__cause__, httpx.TransportError)
@@ -209,7 +217,7 @@ async def test_every_producer_method(server: MegaphoneServer) -> None:
         assert isinstance(channel, Channel)
         assert channel.agent_name == "test-agent"
         assert channel.consumer_address == channel.channel_id
-        assert channel.protocols == ["HTTP_STREAM_NDJSON_V1"]
+        assert "HTTP_STREAM_NDJSON_V1" in channel.protocols  # other transports may follow
         assert (await mp.create(protocols=["HTTP_STREAM_NDJSON_V1"])).protocols
         with pytest.raises(BadRequestError):
             await mp.create(protocols=["NOPE"])

@@ -1,4 +1,4 @@
-"""``AsyncMegaphone``: the asyncio client, a thin layer over ``httpx.AsyncClient``."""
+"""``AsyncMegaphone``: the asyncio client, a thin layer over a connection pool (``_pool_async``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from typing import Any, Self, overload
 
 import httpx
 
-from megaphone.client import _base
-from megaphone.client._base import Request
+from megaphone.client import _base, _http11
+from megaphone.client._base import Answer, Request
 from megaphone.client._errors import HTTPStatusError, MegaphoneClientError, TransportError
+from megaphone.client._httpx import AsyncHttpxPool
 from megaphone.client._models import Channel, Event, Failure, Gap
+from megaphone.client._pool_async import AsyncPool
 
 __all__ = ["AsyncMegaphone"]
 
@@ -23,9 +25,13 @@ class AsyncMegaphone:
     """A Megaphone client for asyncio: one keep-alive connection pool per client object.
 
     ``token`` is sent as ``Authorization: Bearer`` on the producer endpoints (create, write,
-    write-batch, channelsExists), never on reads. ``timeout`` bounds every request; ``read_timeout``
-    bounds the wait for the next bytes of a read (``None``: none, as a read may stay quiet for the
-    whole poll window). ``transport`` is any ``httpx.AsyncBaseTransport`` (tests, proxies).
+    write-batch, channelsExists), never on reads. ``timeout`` bounds the connect and each wait
+    for the server of every request; ``read_timeout`` bounds the wait for the next bytes of a read
+    (``None``: none, as a read may stay quiet for the whole poll window). ``backoff_initial`` and
+    ``backoff_max`` (seconds) shape the back-off of read reconnects and write retries. The
+    requests go through the client's own HTTP/1.1 pool (h11); ``transport``, any
+    ``httpx.AsyncBaseTransport`` (tests, mocks), puts httpx in its place, as does a proxy named by
+    the environment (``HTTP_PROXY``, ...).
     """
 
     def __init__(
@@ -36,18 +42,19 @@ class AsyncMegaphone:
         timeout: float | None = 30.0,
         read_timeout: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        backoff_initial: float = _base.BACKOFF_INITIAL,
+        backoff_max: float = _base.BACKOFF_CAP,
     ) -> None:
         self.base_url = base_url
         self._token = token
-        self._timeout = httpx.Timeout(timeout)
-        self._read_timeout = httpx.Timeout(timeout, read=read_timeout)
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=self._timeout,
-            transport=transport,
-            headers=_base.base_headers(),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
-        )
+        self._timeout = timeout
+        self._read_timeout = read_timeout
+        self._backoff = _base.backoff_settings(backoff_initial, backoff_max)
+        self._http: AsyncPool | AsyncHttpxPool
+        if transport is None and not _http11.through_proxy(base_url):
+            self._http = AsyncPool(base_url, _base.base_headers())
+        else:
+            self._http = AsyncHttpxPool(base_url, _base.base_headers(), transport, timeout)
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -77,14 +84,9 @@ class AsyncMegaphone:
         if self._closed:
             raise RuntimeError("this Megaphone client is closed")
 
-    async def _send(self, request: Request) -> httpx.Response:
+    async def _send(self, request: Request) -> Answer:
         self._check_open()
-        try:
-            return await self._http.request(
-                request.method, request.path, headers=request.headers, content=request.content
-            )
-        except httpx.TransportError as exc:
-            raise _base.transport_error(exc) from exc
+        return await self._http.send(request, self._timeout)
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -102,7 +104,7 @@ class AsyncMegaphone:
         write the event twice (with two eids) if the first attempt did reach the server.
         """
         request = _base.build_write(self._token, producer_address, stream_id, body)
-        backoff = _base.Backoff()
+        backoff = _base.Backoff(*self._backoff)
         for attempt in range(retries + 1):
             try:
                 return _base.parse_write(await self._send(request))
@@ -170,7 +172,13 @@ class AsyncMegaphone:
         those streams; ``model`` decodes each body (pydantic ``TypeAdapter``).
         """
         self._check_open()
-        state = _base.ReadState(consumer_address, after=after, stream_ids=stream_ids, model=model)
+        state = _base.ReadState(
+            consumer_address,
+            after=after,
+            stream_ids=stream_ids,
+            model=model,
+            backoff=_base.Backoff(*self._backoff),
+        )
         return self._read(state, on_gap)
 
     async def _read(
@@ -178,20 +186,15 @@ class AsyncMegaphone:
     ) -> AsyncGenerator[Event | Gap, None]:
         while True:
             self._check_open()
-            request = state.request()
             try:
-                try:
-                    async with self._http.stream(
-                        request.method,
-                        request.path,
-                        headers=request.headers,
-                        timeout=self._read_timeout,
-                    ) as response:
-                        if response.status_code != 200:
-                            await response.aread()
-                            raise _base.status_error(
-                                response.status_code, response.content, response.headers
-                            )
+                async with self._http.stream(
+                    state.request(), self._timeout, self._read_timeout
+                ) as response:
+                    if response.status != 200:  # read to its end: the connection is reused
+                        content = await response.read()
+                        error = _base.status_error(response.status, content, response.headers)
+                    else:
+                        error = None
                         gap = state.opened(response.headers)
                         if gap is not None:
                             if on_gap is None:
@@ -200,13 +203,13 @@ class AsyncMegaphone:
                                 result = on_gap(gap)
                                 if inspect.isawaitable(result):
                                     await result
-                        async for chunk in response.aiter_bytes():
+                        while (chunk := await response.next_chunk()) is not None:
                             for event in state.feed(chunk):
                                 yield event
-                    state.ended()
-                    continue
-                except httpx.TransportError as exc:
-                    raise _base.transport_error(exc) from exc
+                if error is not None:
+                    raise error
+                state.ended()
+                continue
             except (TransportError, HTTPStatusError) as exc:
                 delay = state.failed(exc)
             await asyncio.sleep(delay)

@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import orjson
 
 from megaphone import __version__
@@ -42,7 +41,8 @@ UNKNOWN_CURSOR = "unknown-cursor"
 RECENT_EIDS = 4096
 
 # Back-off of retried requests and reconnects: 50 ms doubling to 5 s, "equal jitter" (half the
-# delay fixed, half random), so many clients cut at once do not come back in step.
+# delay fixed, half random), so many clients cut at once do not come back in step. The clients
+# take other values (``backoff_initial``, ``backoff_max``).
 BACKOFF_INITIAL = 0.05
 BACKOFF_CAP = 5.0
 
@@ -55,6 +55,22 @@ class Request:
     path: str
     headers: dict[str, str] = field(default_factory=dict)
     content: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole answer: status, headers (lower-case names), body."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
+
+
+def backoff_settings(initial: float, cap: float) -> tuple[float, float]:
+    """The clients' ``backoff_initial`` and ``backoff_max``, checked."""
+    if not initial > 0 or not cap >= initial:
+        raise ValueError(f"back-off: need 0 < backoff_initial <= backoff_max, not {initial}, {cap}")
+    return initial, cap
 
 
 def segment(value: str) -> str:
@@ -125,7 +141,7 @@ def _decode_json(content: bytes) -> Any:
         raise DecodingError(f"the server's answer is not JSON: {content[:200]!r}") from exc
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("retry-after")
     try:
         return float(value) if value is not None else None
@@ -133,7 +149,7 @@ def _retry_after(headers: httpx.Headers) -> float | None:
         return None
 
 
-def status_error(status: int, content: bytes, headers: httpx.Headers) -> HTTPStatusError:
+def status_error(status: int, content: bytes, headers: Mapping[str, str]) -> HTTPStatusError:
     """The exception for an error answer, from its status and ``{"code", "message"}`` body."""
     try:
         data = orjson.loads(content)
@@ -159,18 +175,19 @@ def status_error(status: int, content: bytes, headers: httpx.Headers) -> HTTPSta
     return HTTPStatusError(status, code, message)
 
 
-def transport_error(exc: httpx.TransportError) -> TransportError:
+def transport_error(exc: BaseException) -> TransportError:
+    """A lower-level network error as the client's ``TransportError`` (chain it: ``from exc``)."""
     return TransportError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
-def check(response: httpx.Response, *expected: int) -> Any:
+def check(response: Answer, *expected: int) -> Any:
     """The decoded JSON of a successful answer, or the translated error raised."""
-    if response.status_code not in expected:
-        raise status_error(response.status_code, response.content, response.headers)
+    if response.status not in expected:
+        raise status_error(response.status, response.content, response.headers)
     return _decode_json(response.content)
 
 
-def parse_create(response: httpx.Response) -> Channel:
+def parse_create(response: Answer) -> Channel:
     data = check(response, 200)
     try:
         return Channel(
@@ -184,11 +201,11 @@ def parse_create(response: httpx.Response) -> Channel:
         raise DecodingError(f"unexpected /create answer: {data!r}") from exc
 
 
-def parse_write(response: httpx.Response) -> None:
+def parse_write(response: Answer) -> None:
     check(response, 200, 201)
 
 
-def parse_write_batch(response: httpx.Response) -> list[Failure]:
+def parse_write_batch(response: Answer) -> list[Failure]:
     data = check(response, 200, 201)
     try:
         return [
@@ -199,7 +216,7 @@ def parse_write_batch(response: httpx.Response) -> list[Failure]:
         raise DecodingError(f"unexpected /write-batch answer: {data!r}") from exc
 
 
-def parse_channels_exist(response: httpx.Response) -> dict[str, bool]:
+def parse_channels_exist(response: Answer) -> dict[str, bool]:
     data = check(response, 200)
     try:
         return {str(k): bool(v) for k, v in data["channels"].items()}
@@ -210,6 +227,9 @@ def parse_channels_exist(response: httpx.Response) -> dict[str, bool]:
 def retryable_write_error(exc: MegaphoneClientError) -> bool:
     """Errors a write retries when asked to: a full channel, 5xx, the network."""
     return isinstance(exc, ChannelFullError | UnavailableError | ServerError | TransportError)
+
+
+_RANDOM = random.Random()  # seeding one per back-off would cost more than a write
 
 
 class Backoff:
@@ -224,7 +244,7 @@ class Backoff:
         self.initial = initial
         self.cap = cap
         self.attempts = 0
-        self._random = rng or random.Random()
+        self._random = rng or _RANDOM
 
     def next_delay(self) -> float:
         ceiling = min(self.cap, self.initial * (1 << min(self.attempts, 32)))
@@ -327,7 +347,7 @@ class ReadState:
         headers = {"last-event-id": self.last_eid} if self.last_eid else {}
         return Request("GET", self.path, headers)
 
-    def opened(self, headers: httpx.Headers) -> Gap | None:
+    def opened(self, headers: Mapping[str, str]) -> Gap | None:
         self.connections += 1
         self.backoff.reset()
         self.splitter.reset()

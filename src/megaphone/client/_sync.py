@@ -1,4 +1,5 @@
-"""``Megaphone``: the blocking client over ``httpx.Client``, twin of ``AsyncMegaphone``."""
+"""``Megaphone``: the blocking client over a connection pool (``_pool_sync``), twin of
+``AsyncMegaphone``."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Any, Self, overload
 
 import httpx
 
-from megaphone.client import _base
-from megaphone.client._base import Request
+from megaphone.client import _base, _http11
+from megaphone.client._base import Answer, Request
 from megaphone.client._errors import HTTPStatusError, MegaphoneClientError, TransportError
+from megaphone.client._httpx import HttpxPool
 from megaphone.client._models import Channel, Event, Failure, Gap
+from megaphone.client._pool_sync import SyncPool
 
 __all__ = ["Megaphone"]
 
@@ -21,8 +24,8 @@ __all__ = ["Megaphone"]
 class Megaphone:
     """A blocking Megaphone client: the same methods as ``AsyncMegaphone``; ``read`` is an iterator.
 
-    One keep-alive connection pool per client object (``httpx.Client``); see ``AsyncMegaphone``
-    for the arguments.
+    One keep-alive connection pool per client object, which threads may share; see
+    ``AsyncMegaphone`` for the arguments (``transport``: any ``httpx.BaseTransport``).
     """
 
     def __init__(
@@ -33,18 +36,19 @@ class Megaphone:
         timeout: float | None = 30.0,
         read_timeout: float | None = None,
         transport: httpx.BaseTransport | None = None,
+        backoff_initial: float = _base.BACKOFF_INITIAL,
+        backoff_max: float = _base.BACKOFF_CAP,
     ) -> None:
         self.base_url = base_url
         self._token = token
         self._timeout_value = timeout
         self._read_timeout_value = read_timeout
-        self._http = httpx.Client(
-            base_url=base_url,
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            headers=_base.base_headers(),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
-        )
+        self._backoff = _base.backoff_settings(backoff_initial, backoff_max)
+        self._http: SyncPool | HttpxPool
+        if transport is None and not _http11.through_proxy(base_url):
+            self._http = SyncPool(base_url, _base.base_headers())
+        else:
+            self._http = HttpxPool(base_url, _base.base_headers(), transport, timeout)
         self._closed = False
 
     def __enter__(self) -> Self:
@@ -74,14 +78,9 @@ class Megaphone:
         if self._closed:
             raise RuntimeError("this Megaphone client is closed")
 
-    def _send(self, request: Request) -> httpx.Response:
+    def _send(self, request: Request) -> Answer:
         self._check_open()
-        try:
-            return self._http.request(
-                request.method, request.path, headers=request.headers, content=request.content
-            )
-        except httpx.TransportError as exc:
-            raise _base.transport_error(exc) from exc
+        return self._http.send(request, self._timeout_value)
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -92,7 +91,7 @@ class Megaphone:
     def write(self, producer_address: str, stream_id: str, body: Any, *, retries: int = 0) -> None:
         """``POST /write``; see ``AsyncMegaphone.write``."""
         request = _base.build_write(self._token, producer_address, stream_id, body)
-        backoff = _base.Backoff()
+        backoff = _base.Backoff(*self._backoff)
         for attempt in range(retries + 1):
             try:
                 return _base.parse_write(self._send(request))
@@ -150,15 +149,21 @@ class Megaphone:
     ) -> Generator[Event | Gap, None, None] | Generator[Event, None, None]:
         """Every event of the channel, endlessly; see ``AsyncMegaphone.read``."""
         self._check_open()
-        state = _base.ReadState(consumer_address, after=after, stream_ids=stream_ids, model=model)
+        state = _base.ReadState(
+            consumer_address,
+            after=after,
+            stream_ids=stream_ids,
+            model=model,
+            backoff=_base.Backoff(*self._backoff),
+        )
         return self._read(state, on_gap, None)
 
-    def _timeout(self, deadline: float | None) -> httpx.Timeout:
+    def _read_timeout(self, deadline: float | None) -> float | None:
         read = self._read_timeout_value
         if deadline is not None:
             left = max(deadline - time.monotonic(), 0.001)
             read = left if read is None else min(read, left)
-        return httpx.Timeout(self._timeout_value, read=read)
+        return read
 
     def _read(
         self,
@@ -173,30 +178,29 @@ class Megaphone:
             try:
                 try:
                     with self._http.stream(
-                        request.method,
-                        request.path,
-                        headers=request.headers,
-                        timeout=self._timeout(deadline),
+                        request, self._timeout_value, self._read_timeout(deadline)
                     ) as response:
-                        if response.status_code != 200:
-                            response.read()
-                            raise _base.status_error(
-                                response.status_code, response.content, response.headers
-                            )
-                        gap = state.opened(response.headers)
-                        if gap is not None:
-                            if on_gap is None:
-                                yield gap
-                            else:
-                                on_gap(gap)
-                        for chunk in response.iter_bytes():
-                            yield from state.feed(chunk)
-                            _check_deadline(deadline)
+                        if response.status != 200:  # read to its end: the connection is reused
+                            content = response.read()
+                            error = _base.status_error(response.status, content, response.headers)
+                        else:
+                            error = None
+                            gap = state.opened(response.headers)
+                            if gap is not None:
+                                if on_gap is None:
+                                    yield gap
+                                else:
+                                    on_gap(gap)
+                            while (chunk := response.next_chunk()) is not None:
+                                yield from state.feed(chunk)
+                                _check_deadline(deadline)
+                    if error is not None:
+                        raise error
                     state.ended()
                     continue
-                except httpx.TransportError as exc:
+                except TransportError:
                     _check_deadline(deadline)
-                    raise _base.transport_error(exc) from exc
+                    raise
             except (TransportError, HTTPStatusError) as exc:
                 delay = state.failed(exc)
             if deadline is not None:
@@ -214,7 +218,12 @@ class Megaphone:
         """The first event of ``stream_id``; see ``AsyncMegaphone.wait_for``."""
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
-        state = _base.ReadState(consumer_address, after=after, stream_ids=[stream_id])
+        state = _base.ReadState(
+            consumer_address,
+            after=after,
+            stream_ids=[stream_id],
+            backoff=_base.Backoff(*self._backoff),
+        )
         with closing(self._read(state, _ignore_gap, deadline)) as stream:
             for event in stream:
                 if isinstance(event, Event):
