@@ -29,7 +29,11 @@ async def test_addresses_from_create(server: MegaphoneServer, client: httpx.Asyn
     agent, segment, features = consumer.split(".")
     assert agent == "test-agent"
     assert re.fullmatch(r"[A-Za-z0-9]{50}", segment)
-    assert features == "1"  # bit 0: chunked stream
+    # issue #11: created without protocols, readable with every transport (bits 0-3: NDJSON,
+    # SSE, WebSocket, long-poll); asked for the original's one protocol, the original's suffix
+    assert features == "f"
+    original = await create_channel(client, protocols=["HTTP_STREAM_NDJSON_V1"])
+    assert original["consumerAddress"].rsplit(".", 1)[1] == "1"  # bit 0: chunked stream
 
     producer = channel["producerAddress"]
     p_agent, token = producer.split(".")

@@ -8,6 +8,7 @@ import time
 import httpx
 
 from conftest import ServerFactory, base_url, create_channel, read_events
+from megaphone.core.transports import Transport
 
 
 async def test_write_into_full_channel_times_out(server_factory: ServerFactory) -> None:
@@ -177,7 +178,7 @@ async def test_a_reader_gone_early_leaves_nothing_in_the_windows(
             if all(c.stream is None for c in node.http.connections):
                 break
             await asyncio.sleep(0.02)
-        entries = list(node.http.windows._entries)
+        entries = list(node.http.windows[Transport.NDJSON]._entries)
         assert entries  # its entry waits for the deadline
         assert all(stream is None for _, stream in entries)
         # and the channel can be read again at once

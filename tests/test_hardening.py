@@ -16,7 +16,8 @@ from conftest import ServerFactory, base_url, create_channel
 from megaphone.core.broker import MAX_ADDRESS_LENGTH
 from megaphone.errors import MethodNotAllowed
 from megaphone.gcpolicy import GcPolicy
-from megaphone.http.app import ROUTE_CACHE_SIZE, Request, failures_size
+from megaphone.http.app import ROUTE_CACHE_SIZE, failures_size
+from megaphone.http.types import Request
 from megaphone.server import MegaphoneServer
 
 

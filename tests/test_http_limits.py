@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from conftest import ServerFactory, base_url, create_channel, read_events
-from megaphone.http.protocol import PIPELINE_HEAD_BYTES, HttpProtocol
+from megaphone.http.connection import PIPELINE_HEAD_BYTES, HttpProtocol
 from megaphone.server import MegaphoneServer
 from test_http_protocol import (
     WAIT,

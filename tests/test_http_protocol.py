@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from conftest import ServerFactory, base_url, create_channel, read_events
-from megaphone.http.protocol import HttpProtocol
+from megaphone.http.connection import HttpProtocol
 from megaphone.server import MegaphoneServer
 
 WAIT = 5.0  # upper bound for anything we wait on; never a performance assertion

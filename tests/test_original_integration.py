@@ -27,7 +27,14 @@ async def test_create(client: httpx.AsyncClient) -> None:
     }
     assert channel["channelId"] == channel["consumerAddress"]
     assert channel["agentName"] == "test-agent"
-    assert channel["protocols"] == ["HTTP_STREAM_NDJSON_V1"]
+    # issue #11 (recorded in docs/contract.md): without `protocols` every transport is listed,
+    # the original's NDJSON stream first
+    assert channel["protocols"] == [
+        "HTTP_STREAM_NDJSON_V1",
+        "SSE_V1",
+        "WEBSOCKET_V1",
+        "LONG_POLL_V1",
+    ]
 
 
 async def test_write(client: httpx.AsyncClient) -> None:

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from conftest import ServerFactory, base_url, create_channel
-from megaphone.http.protocol import MAX_PIPELINE, HttpProtocol
+from megaphone.http.connection import MAX_PIPELINE, HttpProtocol
 from megaphone.server import MegaphoneServer
 
 WAIT = 5.0  # upper bound for anything we wait on; never a performance assertion

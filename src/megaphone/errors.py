@@ -78,6 +78,10 @@ class Busy(MegaphoneError):
     status, code, default_message = 409, "BUSY", "channel already has a reader"
 
 
+class NotAcceptable(MegaphoneError):
+    status, code, default_message = 406, "NOT_ACCEPTABLE", "transport not enabled for this channel"
+
+
 class PayloadTooLarge(MegaphoneError):
     status, code, default_message = 413, "PAYLOAD_TOO_LARGE", "request body too large"
 
@@ -116,6 +120,13 @@ class ShuttingDown(Unavailable):
 
 class Overloaded(Unavailable):
     status, code, default_message = 503, "OVERLOADED", "the server is at a resource limit"
+
+
+class UpgradeRequired(MegaphoneError):
+    status, code, default_message = 426, "UPGRADE_REQUIRED", "unsupported WebSocket version"
+
+    def headers(self) -> bytes:
+        return b"sec-websocket-version: 13\r\n"
 
 
 class NotImplementedHere(MegaphoneError):

@@ -12,10 +12,12 @@ from contextlib import suppress
 from megaphone.config import Settings
 from megaphone.core.agents import AgentRegistry
 from megaphone.core.broker import Broker
+from megaphone.core.transports import Transport
 from megaphone.errors import ShuttingDown
 from megaphone.gcpolicy import GcPolicy
 from megaphone.http.app import Api
-from megaphone.http.protocol import HttpLimits, HttpProtocol, HttpServerState
+from megaphone.http.connection import HttpLimits, HttpProtocol, HttpServerState
+from megaphone.http.state import ReadOptions
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelStore
 from megaphone.store.memory import MemoryStore
@@ -54,6 +56,20 @@ def build_store(settings: Settings, metrics: Metrics) -> ChannelStore:
     )
 
 
+def read_options(settings: Settings) -> ReadOptions:
+    poll = settings.poll_duration_millis / 1000
+    return ReadOptions(
+        windows={
+            Transport.NDJSON: poll,
+            Transport.LONG_POLL: poll,
+            Transport.SSE: settings.sse_window_millis / 1000,
+            Transport.WEBSOCKET: settings.websocket_window_millis / 1000,
+        },
+        heartbeat=settings.heartbeat_millis / 1000,
+        sse_retry_millis=settings.sse_retry_millis,
+    )
+
+
 class MegaphoneServer:
     """One broker node. ``await start()``, then ``await aclose()``; closing twice is harmless."""
 
@@ -75,7 +91,6 @@ class MegaphoneServer:
                 ),
                 cors_origins=settings.cors_allowed_origins,
             ),
-            self.broker,
             HttpLimits(
                 max_url=settings.max_url_bytes,
                 max_headers=settings.max_header_bytes,
@@ -86,6 +101,8 @@ class MegaphoneServer:
                 max_pipeline_bytes=settings.max_pipeline_bytes,
                 max_buffered=settings.max_buffered_request_bytes,
             ),
+            read_options(settings),
+            inline=self.store.runs_inline,
         )
         self.gc_policy = GcPolicy(settings.gc_freeze_interval_millis / 1000)
         self._gauges()
@@ -173,7 +190,7 @@ class MegaphoneServer:
         for connection in [*self.http.connections, *self.http.refused]:
             if connection.transport is not None:
                 connection.transport.abort()
-        self.http.windows.close()
+        self.http.close_timers()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with suppress(asyncio.CancelledError):

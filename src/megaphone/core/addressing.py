@@ -79,9 +79,11 @@ class AgentCipher:
         return digest
 
 
-def new_consumer_address(agent: str) -> tuple[str, ChannelKey]:
+def new_consumer_address(
+    agent: str, features: int = FEATURE_CHUNKED_STREAM
+) -> tuple[str, ChannelKey]:
     segment = secure_alphanumerics(SEGMENT_LENGTH)
-    address = f"{agent}.{segment}.{FEATURE_CHUNKED_STREAM:x}"
+    address = f"{agent}.{segment}.{features:x}"
     return address, ChannelKey(agent, hashlib.md5(segment.encode("ascii")).digest())
 
 
@@ -93,6 +95,16 @@ def parse_consumer(address: str) -> ChannelKey:
             raise BadRequest("a producer address cannot be used to read")
         raise BadRequest("malformed consumer address")
     return ChannelKey(match[1], hashlib.md5(match[2].encode("ascii")).digest())
+
+
+def consumer_features(address: str) -> int:
+    """The feature bits of a consumer address (see :mod:`megaphone.core.transports`); 400 when
+    the address is malformed."""
+    match = CONSUMER_RE.fullmatch(address)
+    if match is None:
+        parse_consumer(address)  # raises the precise 400
+        raise BadRequest("malformed consumer address")
+    return int(match[3], 16)
 
 
 def split_producer(address: str) -> tuple[str, str]:

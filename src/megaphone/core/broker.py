@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from megaphone.config import Settings
+from megaphone.core import transports
 from megaphone.core.addressing import ChannelKey, new_consumer_address
 from megaphone.core.agents import AgentRegistry
 from megaphone.core.events import Event, make_event
@@ -30,8 +31,7 @@ from megaphone.store.base import ChannelStore, ReadSink, Subscription
 
 log = logging.getLogger("megaphone.broker")
 
-PROTOCOL_NDJSON = "HTTP_STREAM_NDJSON_V1"
-SUPPORTED_PROTOCOLS: tuple[str, ...] = (PROTOCOL_NDJSON,)
+SUPPORTED_PROTOCOLS: tuple[str, ...] = tuple(t.protocol for t in transports.ALL_TRANSPORTS)
 MAX_ADDRESS_LENGTH = 256  # longer than any address this broker mints (agent names aside)
 
 
@@ -62,24 +62,21 @@ class Broker:
             )
 
     async def create(self, protocols: Sequence[str] = ()) -> dict[str, Any]:
-        if protocols:
-            chosen = [p for p in protocols if p in SUPPORTED_PROTOCOLS]
-            if not chosen:
-                raise BadRequest(
-                    f"none of the requested protocols is supported; supported: "
-                    f"{', '.join(SUPPORTED_PROTOCOLS)}"
-                )
-        else:
-            chosen = list(SUPPORTED_PROTOCOLS)
+        chosen = transports.choose(protocols)
+        if not chosen:
+            raise BadRequest(
+                f"none of the requested protocols is supported; supported: "
+                f"{', '.join(SUPPORTED_PROTOCOLS)}"
+            )
         agent = self.registry.pick_master()
-        consumer, key = new_consumer_address(agent.name)
+        consumer, key = new_consumer_address(agent.name, transports.features(chosen))
         await self.store.create(key, consumer, self.settings.max_channels)
         return {
             "channelId": consumer,
             "producerAddress": agent.cipher.producer_address(key.digest),
             "consumerAddress": consumer,
             "agentName": agent.name,
-            "protocols": chosen,
+            "protocols": [t.protocol for t in chosen],
         }
 
     def write_now(

@@ -1,10 +1,13 @@
-"""The public API's endpoints: request → broker call → (status, JSON body).
+"""The public API's endpoints: request → broker call → a :class:`~megaphone.http.types.Result`.
 
-Routing and bodies only; framing, keep-alive and streaming live in :mod:`megaphone.http.protocol`.
+Routing, bodies and the choice of read transport only; framing, keep-alive and streaming live in
+:mod:`megaphone.http.connection` and :mod:`megaphone.http.sinks`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 from collections.abc import Callable, Coroutine
@@ -14,15 +17,21 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from megaphone.core import transports
+from megaphone.core.addressing import consumer_features
 from megaphone.core.broker import Broker
+from megaphone.core.transports import Transport
 from megaphone.errors import (
     BadRequest,
     MethodNotAllowed,
+    NotAcceptable,
     NotFound,
     Overloaded,
     Unauthorized,
     Unavailable,
+    UpgradeRequired,
 )
+from megaphone.http.types import Handler, ReadStream, Reply, Request, Result
 from megaphone.http.wire import NDJSON
 from megaphone.metrics import CONTENT_TYPE as METRICS_TYPE
 from megaphone.metrics import Metrics
@@ -38,36 +47,14 @@ CORS_METHODS = b"GET, HEAD, POST, OPTIONS"
 CORS_HEADERS = b"authorization, content-type, last-event-id"
 
 
-class Request:
-    __slots__ = ("body", "cors", "headers", "http10", "keep_alive", "method", "path", "query")
-
-    def __init__(self) -> None:
-        self.cors = b""  # CORS response headers for this request's origin
-        self.method = b""
-        self.path = b""
-        self.query = b""
-        self.headers: dict[bytes, bytes] = {}
-        self.body = b""
-        self.http10 = False
-        self.keep_alive = True
-
-
-class ReadRequest:
-    """A handler's answer meaning "stream this channel to the client"."""
-
-    __slots__ = ("after", "consumer")
-
-    def __init__(self, consumer: str, after: str | None) -> None:
-        self.consumer = consumer
-        self.after = after
-
-
-Reply = tuple[int, bytes, bytes, bytes]  # status, body, content type, extra headers
-Result = Reply | ReadRequest
-WRITTEN: Reply = (201, OK, JSON, b"")  # an accepted write: the hot path's answer
-# a handler is a coroutine function, or (the hot path) a function that answers at once with a
-# Reply or hands back the coroutine that will
-Handler = Callable[[Request, list[str]], Coroutine[Any, Any, Result] | Reply]
+WRITTEN = Reply(201, OK, JSON, prebuilt=True)  # an accepted write: the hot path's answer
+# ?transport= values (WebSocket is chosen by its Upgrade, which a query cannot replace)
+TRANSPORT_PARAMS = {
+    "ndjson": Transport.NDJSON,
+    "sse": Transport.SSE,
+    "long-poll": Transport.LONG_POLL,
+}
+EVENT_STREAM = b"text/event-stream"
 
 
 # --- request bodies ---------------------------------------------------------------------------
@@ -162,7 +149,7 @@ class Cors:
                 b"access-control-allow-methods: %b\r\naccess-control-allow-headers: %b\r\n"
                 b"access-control-max-age: 86400\r\n" % (CORS_METHODS, CORS_HEADERS)
             )
-        return 204, b"", JSON, extra
+        return Reply(204, b"", JSON, extra)
 
 
 def check_bearer(request: Request, token: bytes) -> None:
@@ -172,28 +159,80 @@ def check_bearer(request: Request, token: bytes) -> None:
         raise Unauthorized("a valid bearer token is required for producer endpoints")
 
 
-def read_cursor(request: Request) -> str | None:
+def query_params(request: Request) -> dict[str, str]:
+    """The query's parameters (the first of each name); 400 when one is not valid UTF-8."""
+    if not request.query:
+        return {}
+    try:
+        pairs = parse_qsl(
+            request.query.decode("latin-1"),
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="strict",
+        )
+    except UnicodeDecodeError:
+        raise BadRequest("query parameter is not valid UTF-8") from None
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        params.setdefault(name, value)
+    return params
+
+
+def read_cursor(request: Request, params: dict[str, str] | None = None) -> str | None:
     """The resume cursor: `Last-Event-ID` (what EventSource sends on reconnect), else `?after=`."""
     raw = request.headers.get(b"last-event-id")
     cursor: str | None = None
-    try:
-        if raw is not None:
+    if raw is not None:
+        try:
             cursor = raw.decode("utf-8")
-        elif request.query:
-            pairs = parse_qsl(
-                request.query.decode("latin-1"),
-                keep_blank_values=True,
-                encoding="utf-8",
-                errors="strict",
-            )
-            cursor = next((value for name, value in pairs if name == "after"), None)
-    except UnicodeDecodeError:
-        raise BadRequest("resume cursor is not valid UTF-8") from None
+        except UnicodeDecodeError:
+            raise BadRequest("resume cursor is not valid UTF-8") from None
+    else:
+        cursor = (query_params(request) if params is None else params).get("after")
     if not cursor:
         return None
     if len(cursor) > MAX_CURSOR_LENGTH:
         raise BadRequest(f"resume cursor longer than {MAX_CURSOR_LENGTH} characters")
     return cursor
+
+
+def read_transport(request: Request, params: dict[str, str]) -> Transport:
+    """The transport a read asks for: a WebSocket upgrade, else ``?transport=``, else SSE when
+    ``Accept`` names ``text/event-stream``, else the original NDJSON stream."""
+    upgrade = request.headers.get(b"upgrade")
+    if upgrade is not None and upgrade.strip().lower() == b"websocket":
+        return Transport.WEBSOCKET
+    named = params.get("transport")
+    if named is not None:
+        transport = TRANSPORT_PARAMS.get(named)
+        if transport is None:
+            raise BadRequest(
+                f"unknown transport {named!r}; one of: {', '.join(TRANSPORT_PARAMS)} "
+                "(WebSocket: an Upgrade request)"
+            )
+        return transport
+    accept = request.headers.get(b"accept")
+    if accept is not None and EVENT_STREAM in accept.lower():
+        return Transport.SSE
+    return Transport.NDJSON
+
+
+def websocket_key(request: Request) -> bytes:
+    """The ``Sec-WebSocket-Key`` of a valid upgrade request (RFC 6455 4.2.1); 4xx otherwise."""
+    if request.method != b"GET" or request.http10:
+        raise BadRequest("a WebSocket upgrade is an HTTP/1.1 GET")
+    if not request.upgrade:
+        raise BadRequest("a WebSocket upgrade needs Connection: Upgrade")
+    if request.headers.get(b"sec-websocket-version", b"").strip() != b"13":
+        raise UpgradeRequired("only WebSocket version 13 is supported")
+    key = request.headers.get(b"sec-websocket-key", b"").strip()
+    try:
+        valid = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        raise BadRequest("Sec-WebSocket-Key must be 16 bytes in base64")
+    return key
 
 
 # --- the endpoints ----------------------------------------------------------------------------
@@ -277,9 +316,9 @@ class Api:
     async def create(self, request: Request, params: list[str]) -> Result:
         body = parse_model(CreateBody, request.body) if request.body.strip() else CreateBody()
         created = await self.broker.create(body.protocols)
-        return 200, orjson.dumps(created), JSON, b""
+        return Reply(200, orjson.dumps(created))
 
-    def write(self, request: Request, params: list[str]) -> Coroutine[Any, Any, Result] | Reply:
+    def write(self, request: Request, params: list[str]) -> Coroutine[Any, Any, Result] | Result:
         producer, stream = params
         stream_id = decode_segment(stream)
         body = parse_json(request.body)
@@ -304,12 +343,24 @@ class Api:
             raise Overloaded("the server's budget for buffered requests and answers is full")
         try:
             failures = await self.broker.write_batch(batch.channels, messages)
-            return 201, orjson.dumps({"failures": failures}), JSON, b""
+            return Reply(201, orjson.dumps({"failures": failures}))
         finally:
             self.release_answer(worst)
 
-    async def read(self, request: Request, params: list[str]) -> Result:
-        return ReadRequest(decode_segment(params[0]), read_cursor(request))
+    def read(self, request: Request, params: list[str]) -> Result:
+        consumer = decode_segment(params[0])
+        query = query_params(request)
+        transport = read_transport(request, query)
+        ws_key = websocket_key(request) if transport is Transport.WEBSOCKET else b""
+        if not transports.allows(consumer_features(consumer), transport):
+            raise NotAcceptable(
+                f"this channel cannot be read with {transport.label} "
+                f"({transport.protocol} was not among its protocols)"
+            )
+        heartbeat = query.get("heartbeat", "") in ("1", "true")
+        return ReadStream(
+            consumer, read_cursor(request, query), transport, heartbeat=heartbeat, ws_key=ws_key
+        )
 
     async def read_head(self, request: Request, params: list[str]) -> Result:
         """HEAD /read: what a read would start with (200, or its 400/404), without attaching a
@@ -319,21 +370,21 @@ class Api:
         read_cursor(request)  # 400 for a cursor a read would refuse
         if not (await self.broker.exists([consumer])).get(consumer):
             raise NotFound("channel not found")
-        return 200, b"", NDJSON, b""
+        return Reply(200, b"", NDJSON)
 
     async def channels_exists(self, request: Request, params: list[str]) -> Result:
         body = parse_model(ChannelsExistsBody, request.body)
         exists = await self.broker.exists(body.channels)
-        return 200, orjson.dumps({"channels": exists}), JSON, b""
+        return Reply(200, orjson.dumps({"channels": exists}))
 
     async def render_metrics(self, request: Request, params: list[str]) -> Result:
-        return 200, self.metrics.render(), METRICS_TYPE.encode(), b""
+        return Reply(200, self.metrics.render(), METRICS_TYPE.encode())
 
     async def healthz(self, request: Request, params: list[str]) -> Result:
-        return 200, OK, JSON, b""
+        return Reply(200, OK)
 
     async def readyz(self, request: Request, params: list[str]) -> Result:
         reason = await self.broker.ready()
         if reason is not None:
             raise Unavailable(f"not ready: {reason}")
-        return 200, OK, JSON, b""
+        return Reply(200, OK)

@@ -12,7 +12,8 @@ NDJSON = b"application/x-ndjson"
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
-STREAM_HEADERS = b"cache-control: no-store\r\nx-accel-buffering: no\r\n"
+NO_STORE = b"cache-control: no-store\r\n"
+STREAM_HEADERS = NO_STORE + b"x-accel-buffering: no\r\n"
 
 
 def response(

@@ -1,9 +1,12 @@
-"""The public server: a lean HTTP/1.x protocol on uvloop + httptools.
+"""One HTTP/1.x connection of the public server: httptools parses, this module is the glue.
 
-One :class:`HttpProtocol` per connection. httptools parses; this module is the glue: keep-alive and
-pipelining (requests answered in order), ``Expect: 100-continue``, limits on the request target,
-headers and body, timeouts for slow or idle clients, and streamed reads (chunked for HTTP/1.1,
-close-delimited for HTTP/1.0, as nginx's default upstream protocol needs).
+Keep-alive and pipelining (requests answered in order), ``Expect: 100-continue``, limits on the
+request target, headers and body, timeouts for slow or idle clients, output batched per turn of the
+loop, and protocol upgrades (a WebSocket read takes the connection's bytes once answered).
+
+A handler's answer is a :class:`megaphone.http.types.Result`, which sends itself: a complete reply,
+or a read that the connection attaches and hands to a sink (:mod:`megaphone.http.sinks`, one per
+transport), which frames events until the read ends.
 
 Requests that finish without waiting (most writes, creates) are answered inline without a task
 (:func:`megaphone.core.eager.start`); only a request that really waits gets one, and that task is
@@ -14,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import deque
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import NoReturn, cast
 
 import httptools
 
@@ -33,296 +34,24 @@ from megaphone.errors import (
     UriTooLong,
     VersionNotSupported,
 )
-from megaphone.http import wire
-from megaphone.http.app import WRITTEN, Api, ReadRequest, Request, Result
-from megaphone.store.base import ResumeStatus, Subscription
-
-if TYPE_CHECKING:
-    from megaphone.core.broker import Broker
+from megaphone.http import sinks, wire
+from megaphone.http.sinks import EndReason, StreamSink
+from megaphone.http.state import TIMER_SLACK, HttpLimits, HttpServerState
+from megaphone.http.types import ReadStream, Reply, Request, Result
+from megaphone.store.base import Subscription
 
 log = logging.getLogger("megaphone.http")
-WRITTEN_RESPONSE = wire.response(WRITTEN[0], WRITTEN[1], content_type=WRITTEN[2], extra=WRITTEN[3])
 
 MAX_PIPELINE = 32
 HEAD_SLACK = 64  # request line and blank line framing, on top of the target and header limits
 LINGER_SECONDS = 5.0  # the most we keep draining a client after refusing its request
 OUTPUT_HIGH_WATER = 16_384  # bytes of unsent output before a connection's writing pauses
-TIMER_SLACK = 0.002  # a timer may fire this much before its time (the loop's clock ticks in ms)
 PIPELINE_HEAD_BYTES = 256  # what a queued request's head counts against max_pipeline_bytes
-REFUSAL_LOG_SECONDS = 10.0  # at most one warning this often about refused connections
 # httptools reports these as plain parse errors (llhttp's reasons): a well-formed version other
 # than the ones llhttp knows (HTTP/1.2, HTTP/3.0), and the HTTP/2 connection preface
 UNSUPPORTED_VERSION_REASONS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade"})
 
-
-class HttpLimits:
-    __slots__ = (
-        "keepalive_timeout",
-        "max_body",
-        "max_buffered",
-        "max_connections",
-        "max_headers",
-        "max_pipeline_bytes",
-        "max_url",
-        "request_timeout",
-    )
-
-    def __init__(
-        self,
-        *,
-        max_url: int,
-        max_headers: int,
-        max_body: int,
-        request_timeout: float,
-        keepalive_timeout: float,
-        max_connections: int,
-        max_pipeline_bytes: int,
-        max_buffered: int,
-    ) -> None:
-        self.max_url = max_url
-        self.max_headers = max_headers
-        self.max_body = max_body
-        self.request_timeout = request_timeout
-        self.keepalive_timeout = keepalive_timeout
-        self.max_connections = max_connections  # open connections served at once
-        self.max_pipeline_bytes = max_pipeline_bytes  # queued requests of one connection
-        self.max_buffered = max_buffered  # request body bytes held by all connections
-
-
-class HttpServerState:
-    """What all connections of one server share."""
-
-    def __init__(self, api: Api, broker: Broker, limits: HttpLimits) -> None:
-        self.api = api
-        self.broker = broker
-        self.limits = limits
-        self.connections: set[HttpProtocol] = set()  # served (at most max_connections)
-        self.refused: set[HttpProtocol] = set()  # refused, still draining until they close
-        self.refused_connections = 0  # since the start
-        self.refusal_log_interval = REFUSAL_LOG_SECONDS
-        self._refused_unlogged = 0  # since the last warning
-        self._refusal_logged_at = -REFUSAL_LOG_SECONDS
-        # request body bytes held across connections: bodies arriving (a Content-Length is
-        # reserved whole when the head is complete, chunks are counted as they come) and
-        # bodies of requests queued but not handled yet
-        self.buffered_request_bytes = 0
-        # answer bytes held for clients that do not read them (the output buffer of each
-        # connection whose writing is paused), plus answers reserved while being built
-        # (write-batch): the same budget, so that slow clients cannot pile answers up either
-        self.held_output_bytes = 0
-        api.room_for_answer = self.room_for_answer
-        api.release_answer = self.release_answer
-        self.shutting_down = False
-        # inline when the store never needs a task to make progress (memory); else a task
-        self.start = eager.start if broker.store.runs_inline else eager.in_task
-        self._all_closed: asyncio.Event | None = None
-        self.windows = ReadWindows(broker.poll_duration)
-        self._unflushed: list[HttpProtocol] = []
-
-    def room_for_answer(self, size: int) -> bool:
-        """Reserve ``size`` bytes for an answer being built; False when the budget is full.
-        The caller gives them back with ``release_answer`` once the answer is written."""
-        if self.buffered_request_bytes + self.held_output_bytes + size > self.limits.max_buffered:
-            return False
-        self.held_output_bytes += size
-        return True
-
-    def release_answer(self, size: int) -> None:
-        self.held_output_bytes -= size
-
-    def flush_later(self, connection: HttpProtocol) -> None:
-        """Send ``connection``'s output once this turn of the loop is over. All the responses
-        and events of a turn then leave in one burst, one ``send`` per connection: events for
-        the same reader share it, and the peers are woken together rather than one by one."""
-        if not self._unflushed:
-            connection.loop.call_soon(self._flush)
-        self._unflushed.append(connection)
-
-    def _flush(self) -> None:
-        connections, self._unflushed = self._unflushed, []
-        for connection in connections:
-            connection.flush()
-
-    def refuse(self, connection: HttpProtocol) -> None:
-        """Count a connection refused at ``max_connections``; warn at most once an interval,
-        with how many were refused since the last warning."""
-        self.refused.add(connection)
-        self.refused_connections += 1
-        self._refused_unlogged += 1
-        now = time.monotonic()
-        if now - self._refusal_logged_at >= self.refusal_log_interval:
-            log.warning(
-                "connection limit reached: refusing new connections",
-                extra={
-                    "refused": self._refused_unlogged,
-                    "max_connections": self.limits.max_connections,
-                },
-            )
-            self._refused_unlogged = 0
-            self._refusal_logged_at = now
-
-    def remove(self, connection: HttpProtocol) -> None:
-        self.refused.discard(connection)
-        self.connections.discard(connection)
-        if not self.connections and self._all_closed is not None:
-            self._all_closed.set()
-
-    async def wait_closed(self, grace: float) -> bool:
-        """Wait up to ``grace`` seconds for every connection to close; True if they did."""
-        if not self.connections:
-            return True
-        self._all_closed = asyncio.Event()
-        try:
-            async with asyncio.timeout(grace):
-                await self._all_closed.wait()
-        except TimeoutError:
-            return False
-        return True
-
-
-class ReadWindows:
-    """Ends each read when its window is over. Every read on a server gets the same window, so
-    deadlines arrive in order: a FIFO and one timer for the oldest entry, instead of a timer per
-    read (which an idle reader would hold for the whole window).
-
-    An entry is a ``[deadline, stream]`` list; a read that ends early clears its stream from the
-    entry, so the entry left in the FIFO until its deadline keeps nothing else alive.
-    """
-
-    __slots__ = ("_entries", "_loop", "_timer", "window")
-
-    def __init__(self, window: float) -> None:
-        self.window = window
-        self._entries: deque[list[Any]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def add(self, stream: NdjsonStream) -> list[Any]:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        entry: list[Any] = [loop.time() + self.window, stream]
-        self._entries.append(entry)
-        if self._timer is None:
-            self._timer = loop.call_at(entry[0], self._expire)
-        return entry
-
-    def _expire(self) -> None:
-        self._timer = None
-        assert self._loop is not None
-        now = self._loop.time() + TIMER_SLACK
-        entries = self._entries
-        while entries and entries[0][0] <= now:
-            stream = entries.popleft()[1]
-            if stream is not None:
-                try:
-                    stream.finish()  # may start the connection's next read (a new entry)
-                except Exception:
-                    log.exception("ending a read failed")
-        if entries and self._timer is None:
-            self._timer = self._loop.call_at(entries[0][0], self._expire)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._entries.clear()
-
-
-class NdjsonStream:
-    """A read in progress: the channel pushes whole events, we frame them as chunks."""
-
-    __slots__ = (
-        "_started",
-        "chunked",
-        "cors",
-        "done",
-        "keep_alive",
-        "protocol",
-        "subscription",
-        "window",
-    )
-
-    def __init__(
-        self, protocol: HttpProtocol, *, chunked: bool, keep_alive: bool, cors: bytes = b""
-    ) -> None:
-        self.protocol = protocol
-        self.chunked = chunked
-        self.cors = cors
-        self.keep_alive = keep_alive and chunked
-        self.done = False
-        self._started = False
-        self.subscription: Subscription | None = None
-        self.window: list[Any] | None = None  # our entry in ReadWindows
-
-    @property
-    def writable(self) -> bool:
-        return not self.done and not self.protocol.write_paused
-
-    def _start(self) -> None:
-        self._started = True
-        # a chunked stream on a connection that closes afterwards says so up front
-        extra = b"" if self.keep_alive or not self.chunked else b"connection: close\r\n"
-        subscription = self.subscription
-        if subscription is not None and subscription.status is not ResumeStatus.NONE:
-            extra += b"megaphone-resume: %b\r\n" % subscription.status.value.encode()
-        self.protocol.write(wire.stream_head(chunked=self.chunked, extra=extra + self.cors))
-
-    def deliver(self, lines: list[bytes]) -> None:
-        if not self._started:
-            self._start()
-        data = lines[0] if len(lines) == 1 else b"".join(lines)
-        self.protocol.write(wire.chunk(data) if self.chunked else data)
-
-    def attached(self, subscription: Subscription, windows: ReadWindows) -> None:
-        self.subscription = subscription
-        if self.done:  # the channel went away while we attached
-            subscription.close()
-            return
-        if not self._started:
-            self._start()
-        self.window = windows.add(self)
-        subscription.start()  # replayed events, then pending ones, then live
-
-    def end(self) -> None:
-        self.finish()
-
-    def window_full(self) -> None:
-        self.finish()  # the client reconnects with its cursor, which confirms the window
-
-    def finish(self) -> None:
-        """End the read cleanly (window over, channel deleted, or shutdown)."""
-        if self.done:
-            return
-        released = self._stop()
-        if released is None:
-            self._complete()
-        else:
-            # end the response only once the lease is released, so that the client's next read
-            # (clients reconnect at once) does not find the channel still taken
-            released.add_done_callback(lambda _: self._complete())
-
-    def _complete(self) -> None:
-        if not self._started:
-            self._start()
-        if self.chunked:
-            self.protocol.write(wire.LAST_CHUNK)
-        self.protocol.stream_finished(self.keep_alive)
-
-    def abort(self) -> None:
-        """The client is gone: detach without writing anything."""
-        if not self.done:
-            self._stop()
-
-    def _stop(self) -> asyncio.Future[None] | None:
-        self.done = True
-        if self.window is not None:
-            self.window[1] = None  # the entry waits for its deadline holding nothing
-            self.window = None
-        subscription, self.subscription = self.subscription, None  # no cycle left for the GC
-        if subscription is not None:
-            return subscription.close()
-        return None
+__all__ = ["HttpLimits", "HttpProtocol", "HttpServerState"]
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -343,6 +72,7 @@ class HttpProtocol(asyncio.Protocol):
         "_parse_error",
         "_stall_timer",
         "_timer_at",
+        "_upgrade_tail",
         "_url",
         "_url_bytes",
         "busy",
@@ -362,6 +92,7 @@ class HttpProtocol(asyncio.Protocol):
         "timer",
         "transport",
         "write_paused",
+        "ws",
     )
 
     def __init__(self, state: HttpServerState) -> None:
@@ -389,7 +120,10 @@ class HttpProtocol(asyncio.Protocol):
         self.queued_bytes = 0
         self.busy = False
         self.task: asyncio.Task[object] | None = None
-        self.stream: NdjsonStream | None = None
+        self.stream: StreamSink | None = None  # the read in progress
+        self.ws: StreamSink | None = None  # a read upgraded to a WebSocket: it takes the bytes
+        # bytes after an upgrade request, held until the upgrade is answered (None: no upgrade)
+        self._upgrade_tail: bytearray | None = None
         self.write_paused = False
         self.reading_paused = False
         self.closed = False
@@ -493,13 +227,24 @@ class HttpProtocol(asyncio.Protocol):
             self._process_queue()
 
     def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.received(data)
+            return
         if self._fatal_error is not None:
             return  # the byte stream is unusable: what follows is dropped
+        tail = self._upgrade_tail
+        if tail is not None:  # waiting to answer an upgrade: not HTTP any more
+            tail += data
+            if len(tail) > self.limits.max_pipeline_bytes:
+                self._fatal(BadRequest("too much data before the upgrade was answered"))
+            return
         head_before = self.request if self._in_head else None
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # no protocol upgrades (yet): answer what was parsed, then close
+        except httptools.HttpParserUpgrade as exc:
+            # what follows the upgrade request is not HTTP: held for the WebSocket read if the
+            # request becomes one; anything else is answered, then the connection closes
+            self._upgrade_tail = bytearray(data[exc.args[0] :] if exc.args else b"")
             self.close_when_idle = True
         except (httptools.HttpParserError, httptools.HttpParserCallbackError) as exc:
             self._fatal(self._parse_error or _framing_error(exc))
@@ -579,6 +324,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._raise(VersionNotSupported(f"HTTP/{version} is not supported"))
             request.http10 = True
         request.keep_alive = parser.should_keep_alive()
+        request.upgrade = parser.should_upgrade()
         headers = request.headers
         host = headers.get(b"host")
         if host is None:
@@ -700,8 +446,8 @@ class HttpProtocol(asyncio.Protocol):
         try:
             handler, params = api.route(request)
             answer = handler(request, params)
-            if isinstance(answer, tuple):  # answered at once (an accepted write)
-                self._finish(request, answer)
+            if isinstance(answer, Result):  # answered at once (an accepted write, a read)
+                answer.respond(self, request)
                 return
             outcome = self.state.start(answer)
         except MegaphoneError as exc:
@@ -712,16 +458,16 @@ class HttpProtocol(asyncio.Protocol):
             self._send_error(request, InternalError())
             return
         if isinstance(outcome, eager.Done):
-            self._finish(request, outcome.value)
+            outcome.value.respond(self, request)
         else:
             self._wait_for(request, outcome)
 
-    def _wait_for(self, request: Request, task: asyncio.Task[object]) -> None:
+    def _wait_for(self, request: Request, task: asyncio.Task[Result]) -> None:
         self.busy = True
         self.task = task
         task.add_done_callback(lambda t: self._task_done(request, t))
 
-    def _task_done(self, request: Request, task: asyncio.Task[object]) -> None:
+    def _task_done(self, request: Request, task: asyncio.Task[Result]) -> None:
         self.task = None
         self.busy = False
         if self.closed or task.cancelled():
@@ -733,33 +479,30 @@ class HttpProtocol(asyncio.Protocol):
             log.error("unexpected error in handler", exc_info=exc)
             self._send_error(request, InternalError())
         else:
-            self._finish(request, task.result())  # type: ignore[arg-type]
+            task.result().respond(self, request)
         self._process_queue()
 
-    def _finish(self, request: Request, result: Result) -> None:
-        if isinstance(result, ReadRequest):
-            self._start_read(request, result)
+    def send_reply(self, request: Request, reply: Reply) -> None:
+        keep_alive = self.keep_alive_for(request)
+        framed = reply.framed
+        if framed is not None and keep_alive and not request.http10 and not request.cors:
+            self.write(framed)  # the hot path's answer, framed once
             return
-        keep_alive = self._keep_alive(request)
-        if result is WRITTEN and keep_alive and not request.http10 and not request.cors:
-            self.write(WRITTEN_RESPONSE)  # the hot path's answer, framed once
-            return
-        status, body, content_type, extra = result
         self.write(
             wire.response(
-                status,
-                body,
-                content_type=content_type,
+                reply.status,
+                reply.body,
+                content_type=reply.content_type,
                 keep_alive=keep_alive,
                 http10=request.http10,
                 head=request.method == b"HEAD",
-                extra=extra + request.cors,
+                extra=reply.extra + request.cors,
             )
         )
         if not keep_alive:
             self.close()
 
-    def _keep_alive(self, request: Request) -> bool:
+    def keep_alive_for(self, request: Request) -> bool:
         # after the client's EOF, the requests it completed before are still answered: only the
         # last one says "close"
         closing = self.close_when_idle and not self.queue
@@ -773,7 +516,7 @@ class HttpProtocol(asyncio.Protocol):
                 "request rejected",
                 extra={"status": error.status, "code": error.code, "detail": error.message},
             )
-        keep_alive = request is not None and self._keep_alive(request)
+        keep_alive = request is not None and self.keep_alive_for(request)
         http10 = request is not None and request.http10
         head = request is not None and request.method == b"HEAD"
         cors = request.cors if request is not None else b""
@@ -799,13 +542,8 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- reads --------------------------------------------------------------------------------
 
-    def _start_read(self, request: Request, read: ReadRequest) -> None:
-        stream = NdjsonStream(
-            self,
-            chunked=not request.http10,
-            keep_alive=self._keep_alive(request),
-            cors=request.cors,
-        )
+    def start_read(self, request: Request, read: ReadStream) -> None:
+        stream = sinks.make(self, request, read)
         self.busy = True
         self.stream = stream
         self._disarm()
@@ -813,18 +551,20 @@ class HttpProtocol(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         try:
-            outcome = self.state.start(self.state.broker.attach(read.consumer, stream, read.after))
+            outcome = self.state.start(
+                self.state.api.broker.attach(read.consumer, stream, read.after)
+            )
         except Exception as exc:
             self._read_failed(request, stream, exc)
             return
         if isinstance(outcome, eager.Done):
-            stream.attached(outcome.value, self.state.windows)
+            stream.attached(outcome.value, self.state)
             return
         self.task = outcome
         outcome.add_done_callback(lambda task: self._read_attached(request, stream, task))
 
     def _read_attached(
-        self, request: Request, stream: NdjsonStream, task: asyncio.Task[Subscription]
+        self, request: Request, stream: StreamSink, task: asyncio.Task[Subscription]
     ) -> None:
         self.task = None
         if task.cancelled():
@@ -836,9 +576,9 @@ class HttpProtocol(asyncio.Protocol):
         elif self.closed:
             task.result().close()  # the client left while we attached
         else:
-            stream.attached(task.result(), self.state.windows)
+            stream.attached(task.result(), self.state)
 
-    def _read_failed(self, request: Request, stream: NdjsonStream, exc: BaseException) -> None:
+    def _read_failed(self, request: Request, stream: StreamSink, exc: BaseException) -> None:
         stream.done = True
         self.stream = None
         self.busy = False
@@ -847,6 +587,13 @@ class HttpProtocol(asyncio.Protocol):
             exc = InternalError()
         self._send_error(request, exc)
         self._process_queue()
+
+    def upgraded(self, sink: StreamSink) -> None:
+        """The upgrade was answered (101): the client's bytes are the sink's from now on."""
+        self.ws = sink
+        tail, self._upgrade_tail = self._upgrade_tail, None
+        if tail:
+            sink.received(bytes(tail))
 
     def stream_finished(self, keep_alive: bool) -> None:
         self.stream = None
@@ -904,7 +651,7 @@ class HttpProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """Server shutdown: end a read cleanly, close once idle."""
         if self.stream is not None:
-            self.stream.finish()
+            self.stream.finish(EndReason.SHUTDOWN)
         elif not self.busy and not self.queue:
             self.close()
         else:
