@@ -293,6 +293,32 @@ async def test_cut_mid_stream_resumes_with_nothing_lost(server: MegaphoneServer)
     assert len({e.eid for e in events}) == 40
 
 
+async def test_sync_cut_mid_stream_resumes_with_nothing_lost(server: MegaphoneServer) -> None:
+    proxy = CuttingProxy(server.port, cut_after=1777)
+    url = await proxy.start()
+
+    def read(consumer: str) -> list[Event | Gap]:
+        with Megaphone(url) as reader:
+            stream = reader.read(consumer)
+            items = [next(stream) for _ in range(40)]
+            stream.close()
+            return items
+
+    try:
+        async with AsyncMegaphone(base_url(server)) as mp:
+            channel = await mp.create()
+            for n in range(40):
+                await mp.write(channel.producer_address, "s", {"n": n, "pad": "x" * 60})
+            items = await asyncio.to_thread(read, channel.consumer_address)
+    finally:
+        await proxy.stop()
+    assert proxy.cuts == 1
+    assert proxy.connections >= 2  # the cut read and its resume
+    events = [item for item in items if isinstance(item, Event)]
+    assert [e.body["n"] for e in events] == list(range(40))
+    assert len({e.eid for e in events}) == 40
+
+
 async def test_busy_is_retried_until_the_other_reader_leaves(server: MegaphoneServer) -> None:
     transport = Recording()
     async with (

@@ -67,19 +67,13 @@ def through_proxy(base_url: str) -> bool:
     return not urllib.request.proxy_bypass(parts.netloc)
 
 
-_ssl_context: ssl.SSLContext | None = None
-
-
 def ssl_context() -> ssl.SSLContext:
-    """httpx's default TLS context (certifi, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), made once."""
-    global _ssl_context
-    if _ssl_context is None:
-        import httpx
+    """httpx's default TLS context: certifi, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set."""
+    import httpx
 
-        context = httpx.create_ssl_context()
-        context.set_alpn_protocols(["http/1.1"])
-        _ssl_context = context
-    return _ssl_context
+    context = httpx.create_ssl_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 def encode(

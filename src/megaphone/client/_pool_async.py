@@ -9,6 +9,7 @@ read while a read's body holds more than ``HIGH_WATER`` unread bytes.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
@@ -236,6 +237,7 @@ class AsyncPool:
         self.origin = _http11.Origin.parse(base_url)
         self.defaults = [(k.encode(), v.encode()) for k, v in headers.items()]
         self._idle: deque[_Connection] = deque()
+        self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
     async def acquire(self, limit: float | None) -> _Connection:
@@ -247,7 +249,9 @@ class AsyncPool:
         loop = asyncio.get_running_loop()
         conn = _Connection(loop)
         origin = self.origin
-        tls = _http11.ssl_context() if origin.tls else None
+        if origin.tls and self._ssl is None:
+            self._ssl = _http11.ssl_context()  # once per pool, at its first connection
+        tls = self._ssl if origin.tls else None
         try:
             async with asyncio.timeout(limit):
                 await loop.create_connection(

@@ -179,6 +179,7 @@ class SyncPool:
         self.origin = _http11.Origin.parse(base_url)
         self.defaults = [(k.encode(), v.encode()) for k, v in headers.items()]
         self._idle: deque[_Connection] = deque()
+        self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
     def acquire(self, timeout: float | None) -> _Connection:
@@ -198,7 +199,9 @@ class SyncPool:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if origin.tls:
-                sock = _http11.ssl_context().wrap_socket(sock, server_hostname=origin.host)
+                if self._ssl is None:
+                    self._ssl = _http11.ssl_context()  # once per pool, at its first connection
+                sock = self._ssl.wrap_socket(sock, server_hostname=origin.host)
         except OSError as exc:
             sock.close()
             raise _http11.connect_error(exc) from exc
