@@ -472,3 +472,19 @@ async def test_cors_and_token_apply_to_every_transport(server_factory: ServerFac
         # reads need no token; writes still do
         refused = await http.post(f"/write/{channel['producerAddress']}/s", json=1)
         assert refused.status_code == 401
+
+
+async def test_ndjson_heartbeats_are_opt_in(server_factory: ServerFactory) -> None:
+    """Empty lines every heartbeat_millis, only when asked (official clients cannot take them)."""
+    node = await server_factory(poll_duration_millis=450, heartbeat_millis=100)
+    async with httpx.AsyncClient(base_url=base_url(node)) as http:
+        channel = await create_channel(http)
+        consumer = channel["consumerAddress"]
+        await write(http, channel, 1)
+        plain = (await http.get(f"/read/{consumer}")).content
+        assert plain.count(b"\n") == 1
+        await write(http, channel, 2)
+        beating = (await http.get(f"/read/{consumer}", params={"heartbeat": "1"})).content
+    lines = beating.split(b"\n")
+    assert orjson.loads(lines[0])["body"] == 2
+    assert lines.count(b"") >= 3  # beats, and the final newline
