@@ -404,18 +404,21 @@ async def test_reader_resumes_on_b_after_a_is_killed_mid_read(
     prefix: str,
     tmp_path: Path,
 ) -> None:
-    """A (a subprocess: lease = 1500 ms window + 500 ms margin) dies with SIGKILL while streaming;
-    the client got only the first 5 of the 10 events A sent (the rest were in flight). B refuses
-    the channel until A's lease lapses, then replays everything after the cursor, then pending."""
+    """A (a subprocess: a lease of 300 ms ticks + 700 ms margin, renewed at every tick, under a
+    5 s read window) dies with SIGKILL while streaming; the client got only the first 5 of the 10
+    events A sent (the rest were in flight). B refuses the channel until A's lease lapses (a lease,
+    not a window, after the kill), then replays everything after the cursor, then pending."""
     a = await spawn(
         processes,
         tmp_path,
         redis_server.url,
         prefix,
         "--poll-duration-millis",
-        "1500",
+        "5000",
+        "--redis-poll-millis",
+        "300",
         "--redis-lease-margin-millis",
-        "500",
+        "700",
     )
     b = await start_node(poll_duration_millis=800)
     async with (
@@ -448,6 +451,35 @@ async def test_reader_resumes_on_b_after_a_is_killed_mid_read(
         merged = list({event["eid"]: event for event in received + resumed}.values())
         assert bodies(merged) == list(range(15))
         assert len({event["eid"] for event in resumed}) == len(resumed)
+
+
+async def test_a_read_longer_than_its_lease_keeps_the_channel(start_node: NodeFactory) -> None:
+    """The lease (100 ms ticks + 400 ms) is renewed at every tick: a 1.5 s read keeps its
+    channel to the end (another node's reader is refused meanwhile), then frees it at once."""
+    timers = {"redis_poll_millis": 100, "redis_lease_margin_millis": 400}
+    a = await start_node(poll_duration_millis=1500, **timers)
+    b = await start_node(poll_duration_millis=300, **timers)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        channel = await create_channel(http_a)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        refused = 0
+        async with http_a.stream("GET", f"/read/{consumer}") as reading:
+            assert reading.status_code == 200
+            finished = asyncio.ensure_future(reading.aread())
+            while not finished.done():
+                other = await http_b.get(f"/read/{consumer}")
+                if finished.done():
+                    break
+                assert other.status_code == 409, other.text  # still A's, lease after lease
+                refused += 1
+                await asyncio.sleep(0.05)
+            await finished
+        assert refused > 0
+        await write(http_b, producer, "after")
+        assert bodies(lines_of(await http_b.get(f"/read/{consumer}"))) == ["after"]
 
 
 # --- 3. a broker restart ----------------------------------------------------------------------
@@ -699,6 +731,35 @@ async def test_recovered_node_has_no_stale_connections(
         after = await asyncio.gather(*(http.post(path, json=n) for n in range(30)))
         refused = [reply.json() for reply in after if reply.status_code != 201]
         assert refused == []  # today: several 503 STORE_UNAVAILABLE, one per stale connection
+
+
+async def test_a_read_cut_by_an_outage_frees_its_channel_when_redis_is_back(
+    private_node: NodeFactory, private_redis: RedisServer
+) -> None:
+    """A read whose window ends while Redis is down cannot release its lease then; the node
+    keeps retrying the release, so the channel is free as soon as Redis is back, long before the
+    lease (60 s here) would lapse."""
+    node = await private_node(
+        poll_duration_millis=500,
+        redis_poll_millis=200,
+        redis_lease_margin_millis=60_000,
+        redis_timeout_millis=500,
+    )
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=30) as http:
+        channel = await create_channel(http)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        await write(http, producer, 0)
+        async with http.stream("GET", f"/read/{consumer}") as reading:
+            lines = reading.aiter_lines()
+            assert json.loads(await anext(lines))["body"] == 0
+            await asyncio.to_thread(private_redis.stop)
+            async for _ in lines:  # the window ends during the outage
+                pass
+        await asyncio.to_thread(private_redis.start)
+        reply = await until_served(
+            lambda: http.get(f"/read/{consumer}", headers={"Last-Event-ID": "x"}), 200
+        )
+        assert bodies(lines_of(reply)) == [0]  # the unconfirmed event, replayed
 
 
 # --- the channel count under failures and races -----------------------------------------------

@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from megaphone.core.addressing import new_consumer_address
 from megaphone.core.events import make_event
-from megaphone.errors import StoreUnavailable
+from megaphone.errors import Busy, StoreUnavailable
 from megaphone.metrics import Metrics
 from megaphone.store import resp
 from megaphone.store.redis import RedisStore, _Keys
@@ -197,6 +197,41 @@ async def test_a_lost_notification_connection_wakes_every_reader(
         await _closed(subscription)
     finally:
         await store.aclose()
+
+
+async def test_a_reader_that_cannot_take_keeps_its_lease(redis_server: RedisServer) -> None:
+    """A sink whose buffer is full takes nothing, but its lease (300 ms, ticks every 100 ms) is
+    renewed all the same: another reader is refused until the first read is closed."""
+    store = make_store(redis_server, "resp", lease=0.3, poll=0.1)
+    await store.start()
+    try:
+        address, key = new_consumer_address("a")
+        await store.create(key, address, 100)
+        sink = Sink()
+        sink.writable = False
+        subscription = await store.attach(key, sink, None)
+        subscription.start()
+        meta = _Keys(store.prefix, key).meta
+        first = int(await store.redis.hget(meta, "lease"))
+
+        async def renewed_twice() -> bool:
+            return int(await store.redis.hget(meta, "lease")) > first + 150
+
+        await wait_until(renewed_twice)
+        with pytest.raises(Busy):
+            await store.attach(key, Sink(), None)
+        await _closed(subscription)
+        await _closed(await store.attach(key, Sink(), None))
+    finally:
+        await store.aclose()
+
+
+async def wait_until(condition: Any) -> None:
+    for _ in range(1000):
+        if await condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never met")
 
 
 async def _closed(subscription: Any) -> None:

@@ -40,7 +40,8 @@ def build_store(settings: Settings, metrics: Metrics) -> ChannelStore:
             replay_size=settings.replay_window_size,
             replay_bytes=settings.replay_window_bytes,
             ttl=settings.channel_ttl_millis / 1000,
-            lease=(settings.poll_duration_millis + settings.redis_lease_margin_millis) / 1000,
+            # renewed at every poll tick: a crashed node's reads lapse after this, not a window
+            lease=(settings.redis_poll_millis + settings.redis_lease_margin_millis) / 1000,
             poll=settings.redis_poll_millis / 1000,
             max_connections=settings.redis_max_connections,
             timeout=settings.redis_timeout_millis / 1000,

@@ -158,10 +158,11 @@ return {2, '-'}
 """
 )
 
-# KEYS m p; ARGV token from count window window_bytes overhead →
+# KEYS m p; ARGV token from count window window_bytes overhead now lease safety →
 # {code, new, id1, line1, id2, line2, ...}; code -1 lease lost, 0 ok, 2 the replay window is full
 # (the read must end so that the next one confirms it). Marks the returned events as sent; with
-# the window off (size 0) sent events are trimmed at once.
+# the window off (size 0) sent events are trimmed at once. Renews the lease (and the keys' safety
+# TTL when half of it has passed).
 TAKE = (
     _LUA_IDS
     + """
@@ -170,7 +171,8 @@ local start = ARGV[2]
 if start ~= '-' then start = '(' .. start end
 local entries = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', ARGV[3])
 local out = {0, 0}
-redis.call('HSET', KEYS[1], 'wk', '1')
+redis.call('HSET', KEYS[1], 'wk', '1', 'lease', tonumber(ARGV[7]) + tonumber(ARGV[8]))
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[9]) / 2 then expire_all(ARGV[9]) end
 local window, window_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 local overhead = tonumber(ARGV[6])
 local ns = tonumber(redis.call('HGET', KEYS[1], 'ns') or '0')
@@ -204,6 +206,18 @@ if new > 0 then
   end
 end
 return out
+"""
+)
+
+# KEYS m p; ARGV token now lease safety → 1 renewed, 0 not ours (lost): a reader whose sink
+# cannot take events keeps its lease
+RENEW = (
+    _LUA_IDS
+    + """
+if redis.call('HGET', KEYS[1], 'reader') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'lease', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) / 2 then expire_all(ARGV[4]) end
+return 1
 """
 )
 
@@ -247,7 +261,8 @@ return {1, lost}
 
 STATUS = {0: ResumeStatus.NONE, 1: ResumeStatus.RESUMED, 2: ResumeStatus.UNKNOWN}
 TAKE_BATCH = 256
-RELEASE_TRIES = 6  # over ~1.6 s
+RELEASE_TRIES = 6  # over ~1.6 s, before the read may end; then retried until the lease lapses
+RELEASE_RETRY = 0.25  # seconds between the later retries of a release
 
 
 def _now_ms() -> int:
@@ -292,7 +307,9 @@ class RedisStore(ChannelStore):
         self.replay_bytes = replay_bytes
         self.ttl_ms = int(ttl * 1000)
         self.lease_ms = int(lease * 1000)
-        self.poll = poll
+        self.lease = lease
+        # every reader takes (or renews its lease) at every tick: at least twice per lease
+        self.poll = min(poll, lease / 2)
         self.timeout = timeout  # one call or one pipeline: a hung Redis is a 503, not a hang
         # keys outlive their lifetime by a margin, so a channel is only ever removed by a sweep
         # (which fires the webhook) unless no node is left to sweep
@@ -323,6 +340,7 @@ class RedisStore(ChannelStore):
                 "write": WRITE,
                 "attach": ATTACH,
                 "take": TAKE,
+                "renew": RENEW,
                 "release": RELEASE,
                 "expire": EXPIRE,
                 "delete": DELETE,
@@ -347,6 +365,7 @@ class RedisStore(ChannelStore):
         self._keeper: asyncio.Task[None] | None = None
         self._kept: dict[str, bytes] = {}  # agent keys this node uses: restored if Redis loses them
         self._background: set[asyncio.Task[Any]] = set()
+        self._retrying: set[asyncio.Future[None]] = set()  # releases retried until their lapse
         self._closed = False
         self._started = False
         self._stopped: Exception | None = None  # shutting down: writes no longer wait
@@ -546,6 +565,7 @@ class RedisStore(ChannelStore):
             # reconnects at once, so let the release finish instead of answering 409
             await asyncio.shield(releasing)
         token = os.urandom(12).hex()
+        leased = time.monotonic()
         script = asyncio.ensure_future(
             self._script(
                 "attach",
@@ -565,13 +585,16 @@ class RedisStore(ChannelStore):
         except asyncio.CancelledError:
             # the client left while we attached: the script may still take the lease, and no
             # subscription will ever release it, so release it once the script is done
-            script.add_done_callback(lambda _: self._spawn(self._release(ids, token)))
+            script.add_done_callback(
+                lambda _: self._spawn(self._release(ids, token, leased + self.lease))
+            )
             raise
         if code == -1:
             raise NotFound("channel not found")
         if code == -2:
             raise Busy("channel already has a reader")
         subscription = _RedisSubscription(self, ids, sink, token, _text(start), STATUS[int(code)])
+        subscription.renewed = leased
         self._readers[ids.notify] = subscription
         try:
             with contextlib.suppress(StoreUnavailable):  # the reader polls until notified again
@@ -589,7 +612,17 @@ class RedisStore(ChannelStore):
         reply = await self._script(
             "take",
             ids.keys[:2],
-            [token, start, TAKE_BATCH, self.replay_size, self.replay_bytes, EVENT_OVERHEAD],
+            [
+                token,
+                start,
+                TAKE_BATCH,
+                self.replay_size,
+                self.replay_bytes,
+                EVENT_OVERHEAD,
+                _now_ms(),
+                self.lease_ms,
+                self.safety_ms,
+            ],
         )
         code = int(reply[0])
         if code == -1:
@@ -598,25 +631,54 @@ class RedisStore(ChannelStore):
         events = [(_text(items[i]), items[i + 1]) for i in range(0, len(items), 2)]
         return int(reply[1]), events, code == 2
 
-    async def _release(self, ids: _Keys, token: str) -> None:
+    async def _renew(self, ids: _Keys, token: str) -> bool:
+        """Renew a reader's lease; False when it is lost."""
+        renewed = await self._script(
+            "renew", ids.keys[:2], [token, _now_ms(), self.lease_ms, self.safety_ms]
+        )
+        return bool(renewed)
+
+    async def _release(self, ids: _Keys, token: str, lapses: float | None = None) -> None:
+        """Release a reader's lease: a few quick tries (the read ends after them), then, if Redis
+        is still away, retries in the background until the lease would have lapsed anyway
+        (``lapses``, monotonic), so that a read cut by an outage frees its channel as soon as
+        Redis is back, not a whole lease later."""
+        if lapses is None:
+            lapses = time.monotonic() + self.lease
         if self._readers.get(ids.notify) is not None and self._readers[ids.notify].token == token:
             del self._readers[ids.notify]
         with contextlib.suppress(StoreUnavailable):
             await self._unsubscribe(ids.notify)
         # a lease left behind answers 409 until it lapses: worth a few tries through a blip
         for attempt in range(RELEASE_TRIES):
-            now = _now_ms()
-            try:
-                released = await self._script(
-                    "release", ids.keys, [token, now, self.ttl_ms, self.safety_ms]
-                )
-                if released:
-                    await self._call(self.redis.zadd(self._expiry, {ids.id: now + self.ttl_ms}))
+            with contextlib.suppress(StoreUnavailable):
+                await self._release_once(ids, token)
                 return
-            except StoreUnavailable:
-                if attempt + 1 < RELEASE_TRIES:
-                    await asyncio.sleep(0.05 * 2**attempt)
-        log.warning("could not release a reader lease (redis unavailable); it lapses by itself")
+            if attempt + 1 < RELEASE_TRIES:
+                await asyncio.sleep(0.05 * 2**attempt)
+        if time.monotonic() < lapses and not self._closed:
+            log.warning("could not release a reader lease yet (redis unavailable); retrying")
+            later = self._spawn(self._release_later(ids, token, lapses))
+            self._retrying.add(later)
+            later.add_done_callback(self._retrying.discard)
+        else:
+            log.warning("could not release a reader lease (redis unavailable); it lapses")
+
+    async def _release_once(self, ids: _Keys, token: str) -> None:
+        now = _now_ms()
+        released = await self._script(
+            "release", ids.keys, [token, now, self.ttl_ms, self.safety_ms]
+        )
+        if released:
+            await self._call(self.redis.zadd(self._expiry, {ids.id: now + self.ttl_ms}))
+
+    async def _release_later(self, ids: _Keys, token: str, lapses: float) -> None:
+        while time.monotonic() < lapses:
+            await asyncio.sleep(RELEASE_RETRY)
+            with contextlib.suppress(StoreUnavailable):
+                await self._release_once(ids, token)
+                log.info("reader lease released after the outage")
+                return
 
     async def delete(self, key: ChannelKey) -> bool:
         ids = _Keys(self.prefix, key)
@@ -733,6 +795,8 @@ class RedisStore(ChannelStore):
         self._closed = True
         for subscription in list(self._readers.values()):
             subscription.close()
+        for later in list(self._retrying):
+            later.cancel()
         for task in (self._listener, self._ticker, self._keeper):
             if task is not None:
                 task.cancel()
@@ -905,6 +969,7 @@ class _RedisSubscription:
         self.task: asyncio.Task[None] | None = None
         self.released: asyncio.Future[None] | None = None
         self.closed = False
+        self.renewed = time.monotonic()  # when the last call that renewed the lease was sent
 
     def start(self) -> None:
         if not self.closed and self.task is None:
@@ -933,7 +998,9 @@ class _RedisSubscription:
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
         store, notify = self.store, self.ids.notify
-        self.released = released = store._spawn(store._release(self.ids, self.token))
+        self.released = released = store._spawn(
+            store._release(self.ids, self.token, self.renewed + store.lease)
+        )
         store._releasing[notify] = released
         released.add_done_callback(
             lambda _: (
@@ -953,6 +1020,7 @@ class _RedisSubscription:
         backoff = 0.05
         while not self.closed:
             self.wake.clear()
+            sent = time.monotonic()
             if self.sink.writable:
                 try:
                     new, events, full = await store._take(self.ids, self.token, self.last)
@@ -964,6 +1032,7 @@ class _RedisSubscription:
                 if new == -1:  # the lease is gone (channel deleted or lapsed)
                     self._end()
                     return
+                self.renewed = sent
                 if events:
                     self.last = events[-1][0]
                     metrics.messages_read += new
@@ -976,6 +1045,14 @@ class _RedisSubscription:
                 if events and len(events) == TAKE_BATCH:
                     continue  # there may be more already
                 # the take armed the channel's notification: the next write wakes us
+            else:  # the sink is full: no take, but the lease is kept (at every tick)
+                try:
+                    if not await store._renew(self.ids, self.token):
+                        self._end()
+                        return
+                    self.renewed = sent
+                except StoreUnavailable:
+                    pass  # the next tick tries again
             await self.wake.wait()
 
 
