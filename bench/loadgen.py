@@ -16,6 +16,11 @@ Workloads (``job["workload"]``):
   once with a resume cursor (``?after=`` / ``Last-Event-ID``; nchan: its eventsource subscriber);
   writers closed-loop or paced; events delivered, lost, replayed and duplicated, reconnects/s,
   read-open latency, server CPU per 1,000 events and reconnects. See :class:`Reconnecting`.
+* ``sse`` and ``websocket`` (issue #11): ``throughput`` or ``idle`` (``job["kind"]``) with every
+  reader on that transport instead of the NDJSON stream (``job["transport"]``): megaphone's
+  ``GET /read/{consumer}`` with ``Accept: text/event-stream`` or ``Upgrade: websocket``, nchan's
+  ``eventsource`` and ``websocket`` subscribers. SSE rides on :class:`StreamReader` (only the
+  ``data:`` lines are passed on); WebSocket is :class:`WsReader`, framed by ``wsproto``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ from typing import Any, cast
 
 import orjson
 import uvloop
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    TextMessage,
+)
+from wsproto.events import Request as WsRequest
 
 now = time.perf_counter
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -334,6 +349,7 @@ class StreamReader(asyncio.Protocol):
     ) -> None:
         self.index = index
         self.path = path
+        self.headers = headers
         self.request = b"GET %b HTTP/1.1\r\nHost: bench\r\n%b\r\n" % (path, headers)
         # megaphone: when the server ends the read (its window: time, or a full replay window),
         # read again on the same connection from the last event, as a resuming client does
@@ -412,7 +428,8 @@ class StreamReader(asyncio.Protocol):
         self.partial = b""
         self.reads += 1
         assert self.transport is not None
-        self.transport.write(b"GET %b HTTP/1.1\r\nHost: bench\r\n%b\r\n" % (self.path, cursor))
+        request = b"GET %b HTTP/1.1\r\nHost: bench\r\n%b%b\r\n" % (self.path, self.headers, cursor)
+        self.transport.write(request)
 
     def _dechunk(self, data: bytes) -> bytes:
         buf = self.cbuf
@@ -453,6 +470,130 @@ class StreamReader(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"reader closed before its head: {exc!r}"))
 
 
+class WsReader(asyncio.Protocol):
+    """One WebSocket read (issue #11): the handshake and the frames are ``wsproto``'s (client
+    side: it writes the upgrade request and parses the ``101`` with h11).
+
+    Each text message (reassembled when it arrives in pieces) is passed on as one line, like an
+    NDJSON line; pings are answered; a close frame (megaphone: ``4000`` when the read window
+    ends) is answered and marks the read ``ended`` (a new read needs a new connection: the
+    workloads here run well inside the window). The same attributes as :class:`StreamReader` as
+    far as the workloads use them; ``ready`` is the handshake's status (``101`` accepted).
+    """
+
+    def __init__(self, index: int, path: bytes, on_lines: LinesCallback) -> None:
+        self.index = index
+        self.path = path
+        self.on_lines = on_lines
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.reads = 1
+        self.resume = b""
+        self.closing = False
+        self.transport: asyncio.Transport | None = None
+        self.status = 0
+        self.message: list[str] = []  # the pieces of a text message not complete yet
+        self.ended = False  # the server closed the socket (close frame)
+        self.close_code: int | None = None
+        self.error_body = b""
+        self.lost = False
+        self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.ws.send(WsRequest(host="bench", target=self.path.decode())))
+
+    def data_received(self, data: bytes) -> None:
+        t = now()
+        if self.closing:
+            return
+        ws = self.ws
+        ws.receive_data(data)
+        lines: list[bytes] = []
+        for event in ws.events():
+            if isinstance(event, TextMessage):
+                if not event.message_finished:
+                    self.message.append(event.data)
+                    continue
+                if self.message:
+                    self.message.append(event.data)
+                    lines.append("".join(self.message).encode())
+                    self.message.clear()
+                else:
+                    lines.append(event.data.encode())
+            elif isinstance(event, AcceptConnection):
+                self._set_ready(101)
+            elif isinstance(event, Ping):
+                self._send(ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                self.ended = True
+                self.close_code = event.code
+                self._send(ws.send(event.response()))
+            elif isinstance(event, RejectConnection):
+                self.status = event.status_code
+                if not event.has_body:
+                    self._set_ready(self.status)
+            elif isinstance(event, RejectData):
+                self.error_body = (self.error_body + event.data)[:500]
+                if event.body_finished:
+                    self._set_ready(self.status)
+        if lines:
+            self.on_lines(cast(StreamReader, self), lines, t)
+
+    def _set_ready(self, status: int) -> None:
+        self.status = status
+        if not self.ready.done():
+            self.ready.set_result(status)
+
+    def _send(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"reader closed before its head: {exc!r}"))
+
+
+TRANSPORTS = ("ndjson", "sse", "websocket")
+EVENT_STREAM = b"Accept: text/event-stream\r\n"
+READ_OK = (200, 101)  # a read's head that starts a stream (101: a WebSocket accepted)
+
+
+def sse_data(on_lines: LinesCallback) -> LinesCallback:
+    """Server-Sent Events: pass on only the ``data:`` lines, as they are after the field name
+    (the JSON object: megaphone's event, nchan's message); ``id:``, ``retry:`` and comments
+    (heartbeats, nchan's ``: hi``) are dropped. Every event here is one ``data:`` line."""
+
+    def on_sse(reader: StreamReader, lines: list[bytes], t: float) -> None:
+        data = [line[5:] for line in lines if line.startswith(b"data:")]
+        if data:
+            on_lines(reader, data, t)
+
+    return on_sse
+
+
+def make_reader(
+    transport: str, index: int, path: bytes, on_lines: LinesCallback
+) -> StreamReader | WsReader:
+    """A reader of ``path`` on ``transport`` (``ndjson``, ``sse`` or ``websocket``)."""
+    if transport == "websocket":
+        return WsReader(index, path, on_lines)
+    if transport == "sse":
+        return StreamReader(index, path, sse_data(on_lines), EVENT_STREAM)
+    return StreamReader(index, path, on_lines)
+
+
+def read_paths(job: dict[str, Any], channels: Sequence[Channel]) -> list[bytes]:
+    """Where each channel is read on the job's transport: megaphone serves every transport on
+    the consumer address; nchan has a location per subscriber type (``/ev/``: eventsource,
+    ``/ws/``: websocket; bench/run.py's nginx.conf)."""
+    transport = job.get("transport", "ndjson")
+    prefix = {"sse": b"/ev/", "websocket": b"/ws/"}.get(transport)
+    if job["target"] == "nchan" and prefix is not None:
+        return [c.read_path.replace(b"/sub/", prefix, 1) for c in channels]
+    return [c.read_path for c in channels]
+
+
 OPEN_ATTEMPTS = 100  # a read answered 5xx is opened again (counted), at most this many times
 
 
@@ -464,21 +605,23 @@ async def open_readers(
     concurrency: int,
     refused: Counter[str] | None = None,
     read_again: bool = False,
-) -> list[StreamReader]:
+    transport: str = "ndjson",
+) -> list[StreamReader | WsReader]:
     """Open one reader per path (at most ``concurrency`` opening at once); wait for every head.
 
     A read answered 5xx (the server could not serve it now), or closed before its head, is
     opened again after 10 ms; each such answer is counted in ``refused`` ("status body", status 0
-    for a close), which the result reports."""
+    for a close), which the result reports. ``transport``: see :func:`make_reader`."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
-    readers: list[StreamReader] = []
+    readers: list[StreamReader | WsReader] = []
 
     async def one(index: int, path: bytes) -> None:
         async with gate:
             for _ in range(OPEN_ATTEMPTS):
-                reader = StreamReader(index, path, on_lines)
-                reader.read_again = read_again
+                reader = make_reader(transport, index, path, on_lines)
+                if isinstance(reader, StreamReader):
+                    reader.read_again = read_again
                 await loop.create_connection(lambda: reader, host, port)  # noqa: B023
                 try:
                     status = await asyncio.wait_for(reader.ready, 30)
@@ -486,7 +629,7 @@ async def open_readers(
                     if refused is None:
                         raise
                     status = 0  # closed before its head (pushpin under a burst): open again
-                if status == 200:
+                if status in READ_OK:
                     readers.append(reader)
                     return
                 reader.closing = True
@@ -503,7 +646,7 @@ async def open_readers(
     return readers
 
 
-def close_all(readers: Sequence[StreamReader]) -> None:
+def close_all(readers: Sequence[StreamReader | WsReader]) -> None:
     for reader in readers:
         if reader.transport is not None:
             reader.transport.abort()
@@ -779,7 +922,7 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
         await fill_idle(job, idle_channels)
     channels = await make_channels(job, job["channels"])
     load = Throughput(job, channels)
-    paths = [c.read_path for c in channels]
+    paths = read_paths(job, channels)
     refused: Counter[str] = Counter()
     readers = await open_readers(
         host,
@@ -789,6 +932,7 @@ async def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
         100,
         refused,
         read_again=job["target"].startswith("megaphone"),
+        transport=job.get("transport", "ndjson"),
     )
     paced = load.writer_source if load.rate else None
     conns = await connect(
@@ -939,10 +1083,16 @@ async def run_idle(job: dict[str, Any]) -> dict[str, Any]:
     await asyncio.sleep(0.5)
     rss_before, redis_rss_before = proc_rss_kib(pids), redis_rss_kib(job)
     t = now()
-    paths = [c.read_path for c in channels]
+    paths = read_paths(job, channels)
     refused: Counter[str] = Counter()
     readers = await open_readers(
-        host, read_port(job), paths, fan.on_lines, job["connect_concurrency"], refused
+        host,
+        read_port(job),
+        paths,
+        fan.on_lines,
+        job["connect_concurrency"],
+        refused,
+        transport=job.get("transport", "ndjson"),
     )
     connect_s = now() - t
     idle_start = Sample.take(job)
@@ -1746,6 +1896,21 @@ async def run_reconnecting(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# --- workloads sse and websocket (issue #11): throughput and idle on another transport -----
+
+
+async def run_transport(job: dict[str, Any]) -> dict[str, Any]:
+    """A phase of ``sse`` or ``websocket``: ``job["kind"]`` (``throughput`` or ``idle``) with
+    every reader on ``job["transport"]``; the same load, figures and checks as the NDJSON
+    workload of that kind."""
+    if job.get("transport") not in TRANSPORTS:
+        raise ValueError(f"unknown transport {job.get('transport')!r}")
+    runner = {"throughput": run_throughput, "idle": run_idle}[job["kind"]]
+    result = await runner(job)
+    result["kind"], result["transport"] = job["kind"], job["transport"]
+    return result
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 WORKLOADS = {
@@ -1758,6 +1923,8 @@ WORKLOADS = {
     "scale": run_throughput,
     "batch": run_batch,
     "sweep": run_sweep,
+    "sse": run_transport,
+    "websocket": run_transport,
 }
 
 

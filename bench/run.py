@@ -2,7 +2,8 @@
 
     python3 bench/run.py [--quick] [--duration 10]
         [--targets megaphone,megaphone-redis,megaphone-redis-2n,nchan,pushpin]
-        [--workloads throughput,latency,idle,batch,create,scale,sweep,resume,churn] [--repeat 3]
+        [--workloads throughput,latency,idle,batch,create,scale,sweep,resume,churn,sse,websocket]
+        [--repeat 3]
     python3 bench/run.py --workloads limits [--quick]     # bench/limits.py: issue #9's attacks
 
 Targets: megaphone on its memory store; megaphone on the Redis store, one node
@@ -64,10 +65,14 @@ WORKLOADS = (
     "sweep",
     "resume",
     "churn",
+    "sse",
+    "websocket",
 )
+# the browser transports (issue #11): throughput and idle readers, as the NDJSON workloads
+TRANSPORT_WORKLOADS = ("sse", "websocket")
 # what each target can run (why not: bench/README.md); megaphone's targets run everything
 CAN_RUN = {
-    "nchan": ("throughput", "latency", "idle", "batch", "churn"),
+    "nchan": ("throughput", "latency", "idle", "batch", "churn", "sse", "websocket"),
     "pushpin": ("throughput", "latency", "idle", "batch"),
 }
 # what a target runs when --workloads is not given (a full pass stays ~10 min)
@@ -517,6 +522,12 @@ http {{
             nchan_channel_id $1;
             nchan_subscriber_timeout 0;
         }}
+        # WebSocket subscriber (workload websocket): one text frame per message
+        location ~ ^/ws/(\\w+)$ {{
+            nchan_subscriber websocket;
+            nchan_channel_id $1;
+            nchan_subscriber_timeout 0;
+        }}
     }}
 }}
 """
@@ -765,6 +776,7 @@ class Plan:
     churn_every_events: int = 5  # churn: hang up after 1..2n-1 events (mean n) ...
     churn_after_s: float = 1.0  # ... or after 0..2t seconds (mean t), whichever comes first
     hangup_linger_s: float = 0.01  # a hanging-up reader drops what arrives for this long
+    transport_max_readers: int = 10_000  # sse, websocket: the idle sizes up to this many readers
 
     def runs(self, target: str) -> tuple[str, ...]:
         """The workloads ``target`` runs in this plan."""
@@ -908,7 +920,33 @@ class Plan:
                 }
             },
         }
+        for transport in TRANSPORT_WORKLOADS:
+            jobs[transport] = self.transport_job(target, transport, throughput, jobs["idle"])
         return {name: jobs[name] for name in self.runs(target)}
+
+    def transport_sizes(self) -> tuple[int, ...]:
+        return tuple(n for n in self.idle_sizes if n <= self.transport_max_readers)
+
+    def transport_job(
+        self,
+        target: str,
+        transport: str,
+        throughput: dict[str, Any],
+        idle: dict[str, Any],
+    ) -> dict[str, Any]:
+        """sse, websocket: the throughput workload and the idle sizes (up to
+        ``transport_max_readers``) with every reader on that transport. megaphone keeps each read
+        open as long as NDJSON's (``--poll-duration-millis 600000``, start_megaphone_node)."""
+        extra: dict[str, Any] = {"transport": transport}
+        if target.startswith("megaphone"):
+            extra["server_args"] = [f"--{transport}-window-millis", "600000"]
+        phases = {"throughput": {**throughput, **extra, "kind": "throughput"}}
+        for size in self.transport_sizes():
+            params = idle["phases"][str(size)]
+            if not params.get("skip"):
+                params = {**params, **extra, "kind": "idle"}
+            phases[str(size)] = params
+        return {"phases": phases}
 
     @staticmethod
     def sweep_ttl_s(target: str, total: int) -> float:
@@ -1787,6 +1825,100 @@ def sweep_rows(phases: Sequence[tuple[int, int]]) -> list[Row]:
     return rows
 
 
+# the sse and websocket workloads' rows from their throughput phase: (label, getter, better,
+# decimals); their idle sizes get IDLE_ROWS
+TRANSPORT_THROUGHPUT_ROWS: list[tuple[str, Getter, str, int]] = [
+    ("events delivered /s", dig("delivered_per_s"), "up", 0),
+    ("publish→deliver p50 (ms)", dig("latency", "p50_ms"), "down", 2),
+    ("publish→deliver p99 (ms)", dig("latency", "p99_ms"), "down", 2),
+    ("events lost (acked, never delivered)", dig("lost"), "", 0),
+    ("write errors (non-2xx)", count_of("write_errors"), "", 0),
+    ("server CPU (% of one core)", dig("server_cpu_pct"), "", 0),
+    ("server CPU ms / 1,000 events", dig("server_cpu_ms_per_1k_events"), "down", 1),
+    ("load generator CPU (% of one core)", dig("loadgen_cpu_pct"), "", 0),
+    ("other processes CPU (% of one core)", dig("other_cpu_pct"), "", 0),
+]
+
+
+def transport_rows(sizes: Sequence[int]) -> list[Row]:
+    rows: list[Row] = []
+    for workload in TRANSPORT_WORKLOADS:
+        rows += [
+            (workload, f"throughput: {label}", in_phase("throughput", get), better, decimals)
+            for label, get, better, decimals in TRANSPORT_THROUGHPUT_ROWS
+        ]
+        rows += [(workload, *row[1:]) for row in idle_rows(sizes)]
+    return rows
+
+
+def transport_summary(results: dict[str, dict[str, dict[str, Any]]], plan: Plan) -> str | None:
+    """Issue #11's target, one line per figure: megaphone ÷ nchan on each transport beside the
+    NDJSON ratio (workloads throughput and idle), and whether each is within it (None: megaphone
+    and nchan did not both run a browser transport)."""
+    mine, base = results.get("megaphone", {}), results.get("nchan", {})
+    ran = [t for t in TRANSPORT_WORKLOADS if t in mine and t in base]
+    if not ran or not plan.transport_sizes():
+        return None
+    size = str(max(plan.transport_sizes()))
+    figures: list[tuple[str, str, Getter, str, str]] = [  # label, phase, getter, better, format
+        ("events delivered /s", "throughput", dig("delivered_per_s"), "up", ",.0f"),
+        (
+            "server CPU ms / 1,000 events",
+            "throughput",
+            dig("server_cpu_ms_per_1k_events"),
+            "down",
+            ".1f",
+        ),
+        (
+            f"server RSS per idle reader, {int(size):,} readers (KiB)",
+            size,
+            dig("rss_per_reader_kib"),
+            "down",
+            ".2f",
+        ),
+        (
+            f"fan-out to {int(size):,} idle readers (s)",
+            size,
+            dig("fanout_all_delivered_s"),
+            "down",
+            ".3f",
+        ),
+    ]
+
+    def get(result: dict[str, Any] | None, workload: str, name: str, getter: Getter) -> Any:
+        if not result or "error" in result:
+            return None
+        if workload in TRANSPORT_WORKLOADS:
+            return in_phase(name, getter)(result)
+        return getter(result) if name == "throughput" else in_phase(name, getter)(result)
+
+    header = ["figure", "NDJSON ÷ nchan"]
+    for t in ran:
+        header += [f"{t}: megaphone", f"{t}: nchan", f"{t} ÷ nchan", "within?"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, name, getter, better, spec in figures:
+        nd_workload = "throughput" if name == "throughput" else "idle"
+        nd = quotient(
+            get(mine.get(nd_workload), nd_workload, name, getter),
+            get(base.get(nd_workload), nd_workload, name, getter),
+        )
+        cells = [label, f"{nd:.2f}x" if nd is not None else "—"]
+        for t in ran:
+            a, b = get(mine.get(t), t, name, getter), get(base.get(t), t, name, getter)
+            ratio = quotient(a, b)
+            within = "—"
+            if ratio is not None and nd is not None:
+                within = "yes" if (ratio >= nd if better == "up" else ratio <= nd) else "no"
+            cells += [
+                format(a, spec) if isinstance(a, int | float) else "—",
+                format(b, spec) if isinstance(b, int | float) else "—",
+                f"{ratio:.2f}x" if ratio is not None else "—",
+                within,
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def all_rows(plan: Plan) -> list[Row]:
     """Every row of the table, in the order of WORKLOADS."""
     rows = [
@@ -1796,6 +1928,7 @@ def all_rows(plan: Plan) -> list[Row]:
         *batch_rows(),
         *scale_rows(plan.scale_sizes),
         *sweep_rows(plan.sweep_phases),
+        *transport_rows(plan.transport_sizes()),
     ]
     return sorted(rows, key=lambda row: WORKLOADS.index(row[0]))
 
@@ -1988,7 +2121,8 @@ def result_anomalies(where: str, workload: str, r: dict[str, Any]) -> Iterator[s
     if workload == "sweep" and disposed is not None and disposed != r.get("expiring"):
         yield f"{where}: {disposed:.0f} channels disposed in the window, not {r.get('expiring')}"
     # scale: the server also counted the idle channels' writes
-    if workload in ("throughput", "latency", "resume", "churn") and metrics:
+    throughput_like = workload in ("throughput", "latency", "resume", "churn")
+    if (throughput_like or r.get("kind") == "throughput") and metrics:
         received = metrics.get("megaphone_messages_received")
         read = metrics.get("megaphone_messages_read")
         acked, delivered = r.get("total_acked"), r.get("total_delivered")
@@ -2250,6 +2384,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{source_at_start}); the servers started later ran the newer code\n"
         )
     print(table(results, ran, all_rows(plan)))
+    summary = transport_summary(results, plan)
+    if summary:
+        print("\nBrowser transports (issue #11: each within the NDJSON ratio to nchan):\n")
+        print(summary)
     for target, reason in skipped.items():
         print(f"\n{target} skipped: {reason}")
     if found:
