@@ -10,16 +10,15 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from redis.connection import parse_url
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from megaphone.core.addressing import new_consumer_address
 from megaphone.core.events import make_event
 from megaphone.errors import Busy, StoreUnavailable
 from megaphone.metrics import Metrics
-from megaphone.store import resp
-from megaphone.store.redis import RedisStore, _Keys
-from megaphone.store.resp import CLIENT_NAME
+from megaphone.store.redis import RedisStore, connection
+from megaphone.store.redis.connection import CLIENT_NAME, RespConnectionError
+from megaphone.store.redis.keys import Keys
+from megaphone.store.redis.url import RedisAddress
 from support import RedisServer
 
 
@@ -41,33 +40,35 @@ class Sink:
         self.window_ended = True
 
 
-@pytest.fixture(params=["resp", "redis-py"])
-async def store(
-    redis_server: RedisServer, request: pytest.FixtureRequest
-) -> AsyncIterator[RedisStore]:
-    """A store on the session's Redis; its scripts on the lean connection, or (as for a
-    ``rediss://`` address) on redis-py's pipelines."""
-    made = make_store(redis_server, request.param)
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    """A store on the session's Redis."""
+    made = make_store(redis_server)
     await made.start()
     yield made
     await made.aclose()
 
 
-def make_store(redis_server: RedisServer, variant: str, **options: Any) -> RedisStore:
-    made = RedisStore(
+@pytest.fixture
+async def admin(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A direct connection (redis-py, a test dependency only), to look at the key layout."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def make_store(redis_server: RedisServer, **options: Any) -> RedisStore:
+    return RedisStore(
         url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:", **options
     )
-    if variant == "redis-py":
-        made._scripts.resp = None
-        made._subscriber = None
-    return made
 
 
-VARIANTS = pytest.mark.parametrize("variant", ["resp", "redis-py"])
+def meta_of(store: RedisStore, key: Any) -> str:
+    return Keys(store.prefix).channel(key).meta
 
 
 async def test_a_cancelled_attach_does_not_keep_the_lease(
-    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    store: RedisStore, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client that leaves while its read attaches, after the attach script took the lease but
     before its reply came back: no subscription exists to release the lease, the store must."""
@@ -87,9 +88,9 @@ async def test_a_cancelled_attach_does_not_keep_the_lease(
     attaching.cancel()
     with pytest.raises(asyncio.CancelledError):
         await attaching
-    meta = _Keys(store.prefix, key).meta
+    meta = meta_of(store, key)
     for _ in range(100):  # the release runs in the background once the script is done
-        if await store.redis.hget(meta, "reader") is None:
+        if await admin.hget(meta, "reader") is None:
             break
         await asyncio.sleep(0.02)
     else:
@@ -110,15 +111,11 @@ async def wait_lines(sink: Sink, count: int) -> None:
     pytest.fail(f"{len(sink.lines)} of {count} events arrived")
 
 
-async def test_concurrent_calls_beyond_the_pool_queue_instead_of_failing(
-    redis_server: RedisServer,
-) -> None:
-    """With one pooled connection, 200 concurrent writes to 20 channels and 100 concurrent
-    existence checks all succeed: calls queue for a connection (and the scripts share pipelines)
-    instead of failing with MaxConnectionsError."""
-    store = RedisStore(
-        url=redis_server.url, metrics=Metrics(), prefix=f"s{uuid.uuid4().hex}:", max_connections=1
-    )
+async def test_concurrent_calls_share_the_one_connection(redis_server: RedisServer) -> None:
+    """200 concurrent writes to 20 channels and 100 concurrent existence checks all succeed on
+    the store's one connection (the scripts share pipelines, the plain commands queue in order),
+    which is the only connection the store opens for commands."""
+    store = make_store(redis_server)
     await store.start()
     try:
         keys = [new_consumer_address("a") for _ in range(20)]
@@ -133,12 +130,14 @@ async def test_concurrent_calls_beyond_the_pool_queue_instead_of_failing(
         await store.aclose()
 
 
-async def test_scripts_flushed_from_redis_are_loaded_again(store: RedisStore) -> None:
+async def test_scripts_flushed_from_redis_are_loaded_again(
+    store: RedisStore, admin: aioredis.Redis
+) -> None:
     """A Redis that lost its scripts (restart, SCRIPT FLUSH) answers NOSCRIPT; the store loads
     them and runs the call again, once: no error reaches the caller, nothing is doubled."""
     address, key = new_consumer_address("a")
     await store.create(key, address, 100)
-    await store.redis.script_flush()
+    await admin.script_flush()
     await asyncio.gather(*(store.write(key, make_event("s", n), 0.0) for n in range(5)))
     sink = Sink()
     subscription = await store.attach(key, sink, None)
@@ -149,7 +148,7 @@ async def test_scripts_flushed_from_redis_are_loaded_again(store: RedisStore) ->
     await _closed(subscription)
 
 
-async def test_one_notification_per_take(store: RedisStore) -> None:
+async def test_one_notification_per_take(store: RedisStore, admin: aioredis.Redis) -> None:
     """Writes publish a wake-up only while the reader waits: a burst written before the reader
     takes again costs one notification, not one per event, and every event still arrives."""
     address, key = new_consumer_address("a")
@@ -158,10 +157,10 @@ async def test_one_notification_per_take(store: RedisStore) -> None:
     subscription = await store.attach(key, sink, None)
     subscription.start()
     await asyncio.sleep(0.05)  # the first (empty) take armed the notification
-    meta = _Keys(store.prefix, key).meta
-    assert await store.redis.hget(meta, "wk") == b"1"
-    probe = store.redis.pubsub()
-    await probe.subscribe(_Keys(store.prefix, key).notify)
+    meta = meta_of(store, key)
+    assert await admin.hget(meta, "wk") == b"1"
+    probe = admin.pubsub()
+    await probe.subscribe(Keys(store.prefix).channel(key).notify)
     await probe.get_message(timeout=1.0)  # the subscribe confirmation
     await asyncio.gather(*(store.write(key, make_event("s", n), 0.0) for n in range(50)))
     await wait_lines(sink, 50)
@@ -173,13 +172,12 @@ async def test_one_notification_per_take(store: RedisStore) -> None:
     await _closed(subscription)
 
 
-@VARIANTS
 async def test_a_lost_notification_connection_wakes_every_reader(
-    redis_server: RedisServer, variant: str
+    redis_server: RedisServer, admin: aioredis.Redis
 ) -> None:
     """Events published while the notification connection was down are not lost: once it is
     back, every reader of the node looks again, long before the (here: 60 s) safety tick."""
-    store = make_store(redis_server, variant, poll=60.0)
+    store = make_store(redis_server, poll=60.0, lease=120.0)
     await store.start()
     try:
         address, key = new_consumer_address("a")
@@ -191,7 +189,7 @@ async def test_a_lost_notification_connection_wakes_every_reader(
         await store.write(key, make_event("s", "notified"), 0.0)  # only its notification
         await wait_lines(sink, 1)  # can deliver it before the tick
         await asyncio.sleep(0.05)
-        await store.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         await store.write(key, make_event("s", "while away"), 0.0)  # its wake-up is lost
         await wait_lines(sink, 2)
         await _closed(subscription)
@@ -199,10 +197,12 @@ async def test_a_lost_notification_connection_wakes_every_reader(
         await store.aclose()
 
 
-async def test_a_reader_that_cannot_take_keeps_its_lease(redis_server: RedisServer) -> None:
+async def test_a_reader_that_cannot_take_keeps_its_lease(
+    redis_server: RedisServer, admin: aioredis.Redis
+) -> None:
     """A sink whose buffer is full takes nothing, but its lease (300 ms, ticks every 100 ms) is
     renewed all the same: another reader is refused until the first read is closed."""
-    store = make_store(redis_server, "resp", lease=0.3, poll=0.1)
+    store = make_store(redis_server, lease=0.3, poll=0.1)
     await store.start()
     try:
         address, key = new_consumer_address("a")
@@ -211,11 +211,11 @@ async def test_a_reader_that_cannot_take_keeps_its_lease(redis_server: RedisServ
         sink.writable = False
         subscription = await store.attach(key, sink, None)
         subscription.start()
-        meta = _Keys(store.prefix, key).meta
-        first = int(await store.redis.hget(meta, "lease"))
+        meta = meta_of(store, key)
+        first = int(await admin.hget(meta, "lease"))
 
         async def renewed_twice() -> bool:
-            return int(await store.redis.hget(meta, "lease")) > first + 150
+            return int(await admin.hget(meta, "lease")) > first + 150
 
         await wait_until(renewed_twice)
         with pytest.raises(Busy):
@@ -234,26 +234,34 @@ async def wait_until(condition: Any) -> None:
     raise AssertionError("condition never met")
 
 
+class Watcher:
+    def notified(self, data: str) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+
 async def _closed(subscription: Any) -> None:
     released = subscription.close()
     if released is not None:
         await released
 
 
-@VARIANTS
 async def test_concurrent_first_subscriptions_share_one_connection(
-    redis_server: RedisServer, variant: str
+    redis_server: RedisServer,
 ) -> None:
-    """The notification connection opens lazily; 50 subscriptions made at once by a node that
-    has no connection yet open exactly one. (Each of its own would be a connection nobody reads:
-    its readers would wait for the safety tick, as the two-node fan-out benchmark showed.)"""
-    store = make_store(redis_server, variant)
+    """50 subscriptions made at once by a node whose notification connection is not up yet
+    open exactly one. (Each of its own would be a connection nobody reads: its readers would
+    wait for the safety tick, as the two-node fan-out benchmark showed.)"""
+    store = make_store(redis_server)
     probe = aioredis.Redis.from_url(redis_server.url)
     before = len(await probe.client_list(_type="pubsub"))
     await store.start()
     try:
         names = [f"{store.prefix}n{n}" for n in range(50)]
-        await asyncio.gather(*(store._subscribe(n) for n in names))
+        for name in names:
+            store.notifications.watch(name, Watcher())
         for _ in range(100):  # the lean connection subscribes as soon as it is up
             if len(await probe.client_list(_type="pubsub")) > before:
                 break
@@ -280,7 +288,7 @@ async def test_a_sweep_that_fails_on_some_channels_reports_the_others(
             await store.create(key, address, 100)
         await asyncio.sleep(0.05)
         real = store._script
-        failing = _Keys(store.prefix, bad_key).meta
+        failing = meta_of(store, bad_key)
 
         async def flaky(name: str, keys: list[str], args: list[Any]) -> Any:
             if name == "expire" and keys[0] == failing:
@@ -302,7 +310,7 @@ async def test_a_sweep_whose_bookkeeping_fails_still_reports_what_it_deleted(
     """The scripts deleted the channels, the index and count update after them failed: the
     channels are reported (their webhook fires now), and the next sweep, finding their keys
     gone, fixes the index and the counts."""
-    store = make_store(redis_server, "resp", ttl=0.01)
+    store = make_store(redis_server, ttl=0.01)
     await store.start()
     try:
         channels = [new_consumer_address("a") for _ in range(3)]
@@ -320,7 +328,7 @@ async def test_a_sweep_whose_bookkeeping_fails_still_reports_what_it_deleted(
         assert await store.expire() == []  # nothing left to delete or report twice
         assert await store.count() == 0
         assert await store.count("a") == 0
-        assert await store.redis.zcard(store._expiry) == 0
+        assert await store._call("ZCARD", store.keys.expiry) == 0
     finally:
         await store.aclose()
 
@@ -366,9 +374,8 @@ async def test_a_dropped_script_connection_fails_its_calls_and_is_replaced(
         asleep = asyncio.ensure_future(admin.eval(BUSY_HALF_A_SECOND, 0))
         await asyncio.sleep(0.1)  # Redis is busy: what we send now stays unanswered
         in_flight = asyncio.ensure_future(store.write(key, make_event("s", "lost?"), 0.0))
-        assert store._resp is not None
         for _ in range(100):
-            protocol = store._resp._protocol
+            protocol = store.client._protocol
             if protocol is not None and protocol.waiting:
                 break
             await asyncio.sleep(0.005)
@@ -404,8 +411,8 @@ async def test_the_script_connection_selects_the_database_of_the_url(
         address, key = new_consumer_address("a")
         await store.create(key, address, 100)
         await store.write(key, make_event("s", 1), 0.0)
-        ids = _Keys(store.prefix, key)
-        assert await db3.xlen(ids.keys[1]) == 1  # the script's XADD went to db 3
+        ids = Keys(store.prefix).channel(key)
+        assert await db3.xlen(ids.stream) == 1  # the script's XADD went to db 3
         assert (await _script_connection(db3))["db"] == "3"
     finally:
         await db3.aclose()
@@ -473,7 +480,6 @@ async def test_a_connect_cancelled_during_its_setup_closes_the_connection() -> N
     an open transport makes uvloop's ``loop.close()`` wait for it forever."""
     async with SilentRedis() as silent:
         store = RedisStore(url=silent.url, metrics=Metrics(), prefix="silent:")
-        assert store._subscriber is not None  # the lean notification connection
         await store.start()
         async with asyncio.timeout(5):
             await silent.asked.wait()  # its setup commands are out, unanswered
@@ -485,12 +491,12 @@ async def test_a_connect_cancelled_during_its_setup_closes_the_connection() -> N
 async def test_a_connect_that_times_out_in_its_setup_closes_the_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The timeout is an early end too: a ``RedisConnectionError``, and the socket closed."""
-    monkeypatch.setattr(resp, "CONNECT_TIMEOUT", 0.2)
+    """The timeout is an early end too: a ``RespConnectionError``, and the socket closed."""
+    monkeypatch.setattr(connection, "CONNECT_TIMEOUT", 0.2)
     async with SilentRedis() as silent:
-        options = parse_url(silent.url)
-        with pytest.raises(RedisConnectionError, match="in time"):
-            await resp.connect(options, resp.RespProtocol, resp.CLIENT_NAME)
+        address = RedisAddress.parse(silent.url)
+        with pytest.raises(RespConnectionError, match="in time"):
+            await connection.connect(address, connection.RespProtocol, CLIENT_NAME)
         assert silent.asked.is_set()
         async with asyncio.timeout(5):
             await silent.closed_by_peer.wait()

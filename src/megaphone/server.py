@@ -43,7 +43,6 @@ def build_store(settings: Settings, metrics: Metrics) -> ChannelStore:
             # renewed at every poll tick: a crashed node's reads lapse after this, not a window
             lease=(settings.redis_poll_millis + settings.redis_lease_margin_millis) / 1000,
             poll=settings.redis_poll_millis / 1000,
-            max_connections=settings.redis_max_connections,
             timeout=settings.redis_timeout_millis / 1000,
         )
     return MemoryStore(

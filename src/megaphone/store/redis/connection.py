@@ -1,18 +1,15 @@
-"""Lean Redis connections for the store's hot path: its Lua script calls and its notifications.
+"""The store's Redis connections: commands packed by hand, replies parsed by hiredis.
 
-redis-py stays the client for everything else (the few plain commands, loading scripts).
-Its pipeline machinery costs more per script call than the script itself: packing each argument
-through its encoder, a pool checkout, a retry wrapper and the reply layers made up about two thirds
-of the server's CPU per event on the Redis store (cProfile of the throughput workload, 2026-12-01).
-Here one connection carries every script call: a command is packed by hand (RESP commands are
-length-prefixed strings, nothing to parse), the calls of one turn of the event loop go out in one
-``send``, and the replies, parsed by hiredis (the C parser redis-py itself uses), resolve the
-callers' futures in order. A dropped connection fails what it carried; the next call opens another.
-Notifications (``SUBSCRIBE``) have a connection of their own, likewise (``RespSubscriber``).
-
-Supported addresses: ``redis://[[user]:password@]host[:port][/db]`` and
-``unix://[[user]:password@]/path?db=N``; anything else (``rediss://``) keeps redis-py's pipelines
-and PubSub.
+One transport for everything, plain TCP, TLS (``rediss://``) or a unix socket: a
+:class:`RespClient` carries every command of a store (its Lua script calls and the few plain
+commands) on one connection, in order; a :class:`RespSubscriber` holds the notification
+connection. redis-py is not used at run time: its pipeline machinery cost about two thirds of the
+server's CPU per event (packing each argument through its encoder, a pool checkout, a retry
+wrapper, the reply layers; cProfile of the throughput workload, 2026-12-01), and a second client
+meant a second code path for TLS. Here a command is packed by hand (RESP commands are
+length-prefixed strings), the commands of one turn of the event loop go out in one ``send``, and
+the replies, parsed by hiredis (the C parser redis-py itself uses), resolve the callers' futures
+in order. A dropped connection fails what it carried; the next call opens another.
 """
 
 from __future__ import annotations
@@ -26,9 +23,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import hiredis
-from redis.connection import parse_url
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+
+from megaphone.store.redis.url import RedisAddress
 
 CONNECT_TIMEOUT = 2.0
 CLIENT_NAME = "megaphone-scripts"
@@ -36,6 +32,18 @@ SUBSCRIBER_NAME = "megaphone-notifications"
 log = logging.getLogger("megaphone.store.redis")
 
 Arg = str | bytes | int
+
+
+class RespConnectionError(ConnectionError):
+    """The connection failed, broke, or was closed: what it carried is lost (maybe applied)."""
+
+
+class ResponseError(Exception):
+    """Redis answered a command with an error (the connection is fine)."""
+
+
+class NoScriptError(ResponseError):
+    """``NOSCRIPT``: Redis does not hold the script (restarted, or ``SCRIPT FLUSH``)."""
 
 
 def pack(parts: list[Arg] | tuple[Arg, ...]) -> bytes:
@@ -75,7 +83,7 @@ class RespProtocol(asyncio.Protocol):
 
     def send(self, commands: list[bytes]) -> list[asyncio.Future[Any]]:
         if self.lost is not None or self.transport is None:
-            raise RedisConnectionError("connection to redis lost")
+            raise RespConnectionError("connection to redis lost")
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
         self.waiting.extend(futures)
@@ -99,10 +107,10 @@ class RespProtocol(asyncio.Protocol):
                 else:
                     future.set_result(reply)
         except (hiredis.ProtocolError, IndexError) as exc:  # not Redis talking, or out of step
-            self.abort(RedisConnectionError(f"bad reply from redis: {exc}"))
+            self.abort(RespConnectionError(f"bad reply from redis: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.abort(RedisConnectionError(f"connection to redis lost: {exc or 'closed'}"))
+        self.abort(RespConnectionError(f"connection to redis lost: {exc or 'closed'}"))
 
     def abort(self, error: BaseException) -> None:
         if self.lost is None:
@@ -119,23 +127,20 @@ class RespProtocol(asyncio.Protocol):
 
 
 class RespClient:
-    """The script connection of one store: connected on first use, replaced when lost."""
+    """The command connection of one store: connected on first use, replaced when lost."""
 
-    def __init__(self, url: str, timeout: float) -> None:
-        self.options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    def __init__(self, address: RedisAddress, timeout: float) -> None:
+        self.address = address
         self.timeout = timeout
         self._protocol: RespProtocol | None = None
         self._connecting: asyncio.Task[RespProtocol] | None = None
         self._closed = False
 
-    @staticmethod
-    def supports(url: str) -> bool:
-        return url.startswith(("redis://", "unix://"))
-
     async def execute(self, commands: list[bytes]) -> list[Any]:
-        """Send ``commands`` in one write; their replies (a ``ResponseError`` for a command
-        Redis refused). Raises for the whole batch when the connection fails or Redis does not
-        answer within ``timeout`` (the connection is then dropped: it may be half-open)."""
+        """Send packed ``commands`` in one write; their replies (a ``ResponseError`` for a
+        command Redis refused). Raises ``RespConnectionError`` for the whole batch when the
+        connection fails, ``TimeoutError`` when Redis does not answer within ``timeout`` (the
+        connection is then dropped: it may be half-open)."""
         protocol: RespProtocol | None = None
         try:
             async with asyncio.timeout(self.timeout):
@@ -144,15 +149,22 @@ class RespClient:
                 return [await future for future in futures]
         except TimeoutError:
             if protocol is not None:
-                protocol.abort(RedisConnectionError("redis did not answer in time"))
+                protocol.abort(RespConnectionError("redis did not answer in time"))
             raise
+
+    async def command(self, *parts: Arg) -> Any:
+        """One command's reply; a refusal raises its ``ResponseError``."""
+        [reply] = await self.execute([pack(parts)])
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
 
     async def _connection(self) -> RespProtocol:
         protocol = self._protocol
         if protocol is not None and protocol.lost is None:
             return protocol
         if self._closed:
-            raise RedisConnectionError("the store is closed")
+            raise RespConnectionError("the store is closed")
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
         connecting = self._connecting
@@ -163,7 +175,7 @@ class RespClient:
                 self._connecting = None
 
     async def _connect(self) -> RespProtocol:
-        protocol = await connect(self.options, RespProtocol, CLIENT_NAME)
+        protocol = await connect(self.address, RespProtocol, CLIENT_NAME)
         self._protocol = protocol
         return protocol
 
@@ -172,14 +184,14 @@ class RespClient:
         if self._connecting is not None:
             self._connecting.cancel()
         if self._protocol is not None:
-            self._protocol.abort(RedisConnectionError("the store is closed"))
+            self._protocol.abort(RespConnectionError("the store is closed"))
 
 
 P = TypeVar("P", bound=RespProtocol)
 
 
-async def connect(options: dict[str, Any], factory: Callable[[], P], name: str) -> P:
-    """Open a connection (TCP or unix socket), authenticate, select the database, name it.
+async def connect(address: RedisAddress, factory: Callable[[], P], name: str) -> P:
+    """Open a connection (TCP, TLS or a unix socket), authenticate, select the database, name it.
 
     Whatever ends the attempt early (a refusal, the timeout, the caller's cancellation while the
     setup replies are awaited) closes the half-made connection: a transport left open would hold
@@ -188,32 +200,40 @@ async def connect(options: dict[str, Any], factory: Callable[[], P], name: str) 
     protocol: P | None = None
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            if "path" in options:
-                _, protocol = await loop.create_unix_connection(factory, options["path"])
-            else:
+            if address.path is not None:
+                _, protocol = await loop.create_unix_connection(factory, address.path)
+            elif address.tls is not None:
                 _, protocol = await loop.create_connection(
-                    factory, options.get("host", "localhost"), options.get("port", 6379)
+                    factory,
+                    address.host,
+                    address.port,
+                    ssl=address.tls,
+                    server_hostname=address.host,
+                    ssl_handshake_timeout=CONNECT_TIMEOUT,
                 )
+            else:
+                _, protocol = await loop.create_connection(factory, address.host, address.port)
             setup: list[bytes] = []  # its replies are checked; a refusal fails the connect
-            if options.get("password") is not None:
-                user = options.get("username")
+            if address.password is not None:
                 auth = (
-                    ("AUTH", user, options["password"]) if user else ("AUTH", options["password"])
+                    ("AUTH", address.username, address.password)
+                    if address.username
+                    else ("AUTH", address.password)
                 )
                 setup.append(pack(auth))
-            if options.get("db"):
-                setup.append(pack(("SELECT", int(options["db"]))))
+            if address.db:
+                setup.append(pack(("SELECT", address.db)))
             setup.append(pack(("CLIENT", "SETNAME", name)))  # for CLIENT LIST
             for reply in [await f for f in protocol.send(setup)]:
                 if isinstance(reply, ResponseError):
-                    raise RedisConnectionError(f"redis refused the connection: {reply}")
+                    raise RespConnectionError(f"redis refused the connection: {reply}")
     except BaseException as exc:
         if protocol is not None:
-            protocol.abort(RedisConnectionError(f"connection abandoned: {exc!r}"))
+            protocol.abort(RespConnectionError(f"connection abandoned: {exc!r}"))
         if isinstance(exc, TimeoutError):
-            raise RedisConnectionError("could not connect to redis in time") from None
-        if isinstance(exc, OSError):
-            raise RedisConnectionError(f"could not connect to redis: {exc}") from exc
+            raise RespConnectionError("could not connect to redis in time") from None
+        if isinstance(exc, OSError) and not isinstance(exc, RespConnectionError):
+            raise RespConnectionError(f"could not connect to redis: {exc}") from exc
         raise
     return protocol
 
@@ -242,7 +262,7 @@ class PushProtocol(RespProtocol):
                 elif self.on_push is not None and isinstance(reply, list):
                     self.on_push(reply)
         except hiredis.ProtocolError as exc:
-            self.abort(RedisConnectionError(f"bad reply from redis: {exc}"))
+            self.abort(RespConnectionError(f"bad reply from redis: {exc}"))
 
     def abort(self, error: BaseException) -> None:
         super().abort(error)
@@ -263,11 +283,11 @@ class RespSubscriber:
 
     def __init__(
         self,
-        url: str,
+        address: RedisAddress,
         on_message: Callable[[bytes, bytes], None],
         on_connect: Callable[[], None],
     ) -> None:
-        self.options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self.address = address
         self.on_message = on_message
         self.on_connect = on_connect
         self.channels: set[str] = set()
@@ -296,8 +316,8 @@ class RespSubscriber:
         delay = 0.05
         while True:
             try:
-                protocol = await connect(self.options, PushProtocol, SUBSCRIBER_NAME)
-            except RedisConnectionError as exc:
+                protocol = await connect(self.address, PushProtocol, SUBSCRIBER_NAME)
+            except RespConnectionError as exc:
                 log.warning("redis notifications interrupted", extra={"error": str(exc)})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -318,4 +338,4 @@ class RespSubscriber:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.protocol is not None:
-            self.protocol.abort(RedisConnectionError("the store is closed"))
+            self.protocol.abort(RespConnectionError("the store is closed"))

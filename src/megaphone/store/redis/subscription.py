@@ -1,0 +1,138 @@
+"""A reader attached on this node: a task that takes events from the channel's stream into its
+sink, woken by notifications, by its sink draining, and by the tick (which also renews its
+lease when the sink cannot take anything)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from megaphone.errors import StoreUnavailable
+from megaphone.metrics import Metrics
+from megaphone.store.base import ReadSink, ResumeStatus
+from megaphone.store.redis.keys import ChannelKeys
+
+TAKE_BATCH = 256
+
+
+class Reads(Protocol):
+    """What a subscription needs of its store: the lease's length and three calls on it."""
+
+    lease: float
+    metrics: Metrics
+
+    async def take_events(
+        self, keys: ChannelKeys, token: str, start: str
+    ) -> tuple[int, list[tuple[str, bytes]], bool]:
+        """(new events, events, window full); new is -1 when the lease is lost. Renews it."""
+        ...
+
+    async def renew_lease(self, keys: ChannelKeys, token: str) -> bool:
+        """False when the lease is lost."""
+        ...
+
+    def release_lease(
+        self, keys: ChannelKeys, token: str, watcher: object, lapses: float
+    ) -> asyncio.Future[None]:
+        """Stop watching the channel and release the lease (``lapses``: when it would lapse)."""
+        ...
+
+
+class RedisSubscription:
+    def __init__(
+        self,
+        reads: Reads,
+        keys: ChannelKeys,
+        sink: ReadSink,
+        token: str,
+        start: str,
+        status: ResumeStatus,
+        leased: float,
+    ) -> None:
+        self.reads = reads
+        self.keys = keys
+        self.sink = sink
+        self.token = token
+        self.last = start
+        self.status = status
+        self.renewed = leased  # monotonic: when the last call that renewed the lease was sent
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.released: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def start(self) -> None:
+        if not self.closed and self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+            self.task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        # a cancelled task keeps its CancelledError, whose traceback holds _run's frame and so
+        # this subscription: let go of the task, so that no cycle is left for the GC
+        if self.task is task:
+            self.task = None
+
+    def resume(self) -> None:
+        self.wake.set()
+
+    def notified(self, data: str) -> None:
+        if data == "d":
+            self._end()
+        else:
+            self.wake.set()
+
+    def close(self) -> asyncio.Future[None] | None:
+        if self.closed:
+            return self.released
+        self.closed = True
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        self.released = self.reads.release_lease(
+            self.keys, self.token, self, self.renewed + self.reads.lease
+        )
+        return self.released
+
+    def _end(self) -> None:
+        if not self.closed:
+            self.sink.end()
+
+    async def _run(self) -> None:
+        reads, metrics = self.reads, self.reads.metrics
+        backoff = 0.05
+        while not self.closed:
+            self.wake.clear()
+            sent = time.monotonic()
+            if self.sink.writable:
+                try:
+                    new, events, full = await reads.take_events(self.keys, self.token, self.last)
+                except StoreUnavailable:
+                    await asyncio.sleep(backoff)  # Redis is away: try again soon, not at a tick
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                backoff = 0.05
+                if new == -1:  # the lease is gone (channel deleted or lapsed)
+                    self._end()
+                    return
+                self.renewed = sent
+                if events:
+                    self.last = events[-1][0]
+                    metrics.messages_read += new
+                    metrics.messages_replayed += len(events) - new
+                    self.sink.deliver([line for _, line in events])
+                if full:  # the client must reconnect and confirm before it gets more
+                    if not self.closed:
+                        self.sink.window_full()
+                    return
+                if events and len(events) == TAKE_BATCH:
+                    continue  # there may be more already
+                # the take armed the channel's notification: the next write wakes us
+            else:  # the sink is full: no take, but the lease is kept (at every tick)
+                try:
+                    if not await reads.renew_lease(self.keys, self.token):
+                        self._end()
+                        return
+                    self.renewed = sent
+                except StoreUnavailable:
+                    pass  # the next tick tries again
+            await self.wake.wait()
