@@ -59,7 +59,12 @@ async def _watchdog(request: pytest.FixtureRequest) -> AsyncIterator[None]:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"address": "127.0.0.1:0", "agent": "test-agent", "log_level": "debug"}
+    values: dict[str, Any] = {
+        "address": "127.0.0.1:0",
+        "agent": "test-agent",
+        "log_level": "debug",
+        "mng_socket_path": "",  # off: the management tests give each server its own socket
+    }
     values.update(overrides)
     return Settings(**values)
 

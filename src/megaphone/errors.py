@@ -82,6 +82,10 @@ class NotAcceptable(MegaphoneError):
     status, code, default_message = 406, "NOT_ACCEPTABLE", "transport not enabled for this channel"
 
 
+class AlreadyExists(MegaphoneError):
+    status, code, default_message = 409, "ALREADY_EXISTS", "already exists"
+
+
 class PayloadTooLarge(MegaphoneError):
     status, code, default_message = 413, "PAYLOAD_TOO_LARGE", "request body too large"
 

@@ -19,6 +19,8 @@ from megaphone.http.app import Api
 from megaphone.http.connection import HttpLimits, HttpProtocol, HttpServerState
 from megaphone.http.state import ReadOptions
 from megaphone.metrics import Metrics
+from megaphone.mgmt import listener
+from megaphone.mgmt.api import MgmtApi
 from megaphone.store.base import ChannelStore
 from megaphone.store.memory import MemoryStore
 from megaphone.webhooks import WebhookNotifier
@@ -104,6 +106,15 @@ class MegaphoneServer:
             read_options(settings),
             inline=self.store.runs_inline,
         )
+        # the management API: the same connection layer and limits, its own router and state
+        self.mgmt = HttpServerState(
+            MgmtApi(self.broker, warmup_secs=settings.agent_warmup_secs),
+            self.http.limits,
+            read_options(settings),
+            inline=self.store.runs_inline,
+        )
+        self.mgmt_path: str | None = None  # the socket file, once bound
+        self._mgmt_server: asyncio.Server | None = None
         self.gc_policy = GcPolicy(settings.gc_freeze_interval_millis / 1000)
         self._gauges()
         self._server: asyncio.Server | None = None
@@ -161,6 +172,7 @@ class MegaphoneServer:
         )
         sock: socket.socket = self._server.sockets[0]
         self.port = sock.getsockname()[1]
+        await self._start_mgmt()
         self._sweeper = loop.create_task(self.broker.run_sweeper())
         self.metrics.watch_gc()
         self.gc_policy.start()
@@ -168,6 +180,25 @@ class MegaphoneServer:
             "megaphone listening",
             extra={"address": f"{host}:{self.port}", "agents": ",".join(self.settings.agents)},
         )
+
+    async def _start_mgmt(self) -> None:
+        """Listen on ``mng_socket_path`` ("" turns it off). A path set explicitly must work, or
+        the start fails with one clear line; the built-in default (``/run/megaphone.sock``) is
+        skipped with a warning when it cannot be used (a non-root user, a second node), so that
+        ``megaphone`` alone always starts."""
+        path = self.settings.mng_socket_path
+        if not path:
+            return
+        try:
+            self._mgmt_server = await listener.listen(path, lambda: HttpProtocol(self.mgmt))
+        except (listener.SocketPathError, OSError) as exc:
+            if "mng_socket_path" in self.settings.model_fields_set:
+                await self.aclose()
+                raise listener.SocketPathError(str(exc)) from None
+            log.warning("management API off: %s", exc, extra={"path": path})
+            return
+        self.mgmt_path = path
+        log.info("management API listening", extra={"path": path})
 
     async def aclose(self, grace: float | None = None) -> None:
         """Stop accepting, end open reads cleanly, let in-flight requests finish (``grace`` s)."""
@@ -184,21 +215,29 @@ class MegaphoneServer:
         self.store.stop_waiting(ShuttingDown("the server is shutting down; retry elsewhere"))
         if self._server is not None:
             self._server.close()
-        for connection in list(self.http.connections):
-            connection.shutdown()
+        if self._mgmt_server is not None:
+            self._mgmt_server.close()
+        for state in (self.http, self.mgmt):
+            for connection in list(state.connections):
+                connection.shutdown()
         await self.http.wait_closed(grace)
-        for connection in [*self.http.connections, *self.http.refused]:
-            if connection.transport is not None:
-                connection.transport.abort()
-        self.http.close_timers()
+        await self.mgmt.wait_closed(0.5)
+        for state in (self.http, self.mgmt):
+            for connection in [*state.connections, *state.refused]:
+                if connection.transport is not None:
+                    connection.transport.abort()
+            state.close_timers()
+        if self.mgmt_path is not None:
+            listener.remove(self.mgmt_path)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.webhooks.aclose()
         await self.store.aclose()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._mgmt_server):
+            if server is not None:
+                await server.wait_closed()
 
 
 async def serve(settings: Settings) -> None:

@@ -111,10 +111,11 @@ class Broker:
                 raise
         return resolve(address)
 
-    async def write(self, producer: str, stream_id: str, body: Any) -> None:
-        pending = self.write_now(producer, stream_id, body)
-        if pending is not None:
-            await pending
+    async def dispose(self, address: str) -> bool:
+        """Delete a channel (management API) by either address: its pending events count as lost,
+        an attached read ends cleanly. False when there is no such channel."""
+        key = await self._resolve(self.registry.addresses.any, address)
+        return await self.store.delete(key)
 
     def check_batch(self, channels: Sequence[str], messages: Sequence[tuple[str, Any]]) -> None:
         """Refuse a write-batch over the limits, before any work."""

@@ -238,43 +238,31 @@ def websocket_key(request: Request) -> bytes:
 # --- the endpoints ----------------------------------------------------------------------------
 
 
-class Api:
-    def __init__(
-        self,
-        broker: Broker,
-        metrics: Metrics,
-        *,
-        producer_token: str | None = None,
-        cors_origins: list[str] | None = None,
-    ) -> None:
+Routes = dict[str, tuple[dict[bytes, Handler], int, bool]]
+
+
+class Router:
+    """Routes requests to handlers: the public API and the management API are both routers on
+    the same HTTP/1 connection layer."""
+
+    def __init__(self, broker: Broker, *, token: str | None, cors: Cors) -> None:
         self.broker = broker
-        self.metrics = metrics
-        self.token = producer_token.encode() if producer_token else None
-        self.cors = Cors(cors_origins if cors_origins is not None else ["*"])
-        # path head → ({method: handler}, number of parameters, needs the producer token).
-        # HEAD is answered by the GET handler (the protocol leaves the body out), except on
-        # /read, where it must not attach a reader
+        self.token = token.encode() if token else None
+        self.cors = cors
         # the HTTP server's I/O budget for answers being built (see HttpServerState)
         self.room_for_answer: Callable[[int], bool] = lambda size: True
         self.release_answer: Callable[[int], None] = lambda size: None
-        self.routes: dict[str, tuple[dict[bytes, Handler], int, bool]] = {
-            "create": ({b"POST": self.create}, 0, True),
-            "write": ({b"POST": self.write}, 2, True),
-            "write-batch": ({b"POST": self.write_batch}, 0, True),
-            "read": ({b"GET": self.read, b"HEAD": self.read_head}, 1, False),
-            "channelsExists": ({b"POST": self.channels_exists}, 0, True),
-            "metrics": ({b"GET": self.render_metrics, b"HEAD": self.render_metrics}, 0, False),
-            "healthz": ({b"GET": self.healthz, b"HEAD": self.healthz}, 0, False),
-            "readyz": ({b"GET": self.readyz, b"HEAD": self.readyz}, 0, False),
-        }
+        # path head → ({method: handler}, number of parameters, needs the bearer token)
+        self.routes: Routes = {}
+        self.cached: Handler | None = None  # the handler whose routes are remembered
         # (method, path) of a write → what _route found: a producer writes the same path again
         self._routed: dict[tuple[bytes, bytes], tuple[Handler, list[str], bool]] = {}
 
     def route(self, request: Request) -> tuple[Handler, list[str]]:
         """The handler and raw path parameters; 404 for an unknown path, 405 for a wrong method,
-        401 for a producer endpoint without the configured bearer token."""
+        401 for a protected endpoint without the configured bearer token."""
         known = self._routed.get((request.method, request.path))
-        if known is not None:  # a producer writing again, a reader reconnecting
+        if known is not None:  # a producer writing again
             handler, params, protected = known
             if protected and self.token is not None:
                 check_bearer(request, self.token)
@@ -282,7 +270,7 @@ class Api:
         handler, params, protected = self._route(request)
         if protected and self.token is not None:
             check_bearer(request, self.token)
-        if handler == self.write:  # reads come once per window: not worth their memory
+        if handler == self.cached:  # reads come once per window: not worth their memory
             if len(self._routed) >= ROUTE_CACHE_SIZE:
                 self._routed.clear()
             self._routed[(request.method, request.path)] = (handler, params, protected)
@@ -312,6 +300,36 @@ class Api:
 
     async def options(self, request: Request, params: list[str]) -> Result:
         return self.cors.preflight(request)
+
+
+class Api(Router):
+    def __init__(
+        self,
+        broker: Broker,
+        metrics: Metrics,
+        *,
+        producer_token: str | None = None,
+        cors_origins: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            broker,
+            token=producer_token,
+            cors=Cors(cors_origins if cors_origins is not None else ["*"]),
+        )
+        self.metrics = metrics
+        # HEAD is answered by the GET handler (the protocol leaves the body out), except on
+        # /read, where it must not attach a reader
+        self.cached = self.write
+        self.routes = {
+            "create": ({b"POST": self.create}, 0, True),
+            "write": ({b"POST": self.write}, 2, True),
+            "write-batch": ({b"POST": self.write_batch}, 0, True),
+            "read": ({b"GET": self.read, b"HEAD": self.read_head}, 1, False),
+            "channelsExists": ({b"POST": self.channels_exists}, 0, True),
+            "metrics": ({b"GET": self.render_metrics, b"HEAD": self.render_metrics}, 0, False),
+            "healthz": ({b"GET": self.healthz, b"HEAD": self.healthz}, 0, False),
+            "readyz": ({b"GET": self.readyz, b"HEAD": self.readyz}, 0, False),
+        }
 
     async def create(self, request: Request, params: list[str]) -> Result:
         body = parse_model(CreateBody, request.body) if request.body.strip() else CreateBody()

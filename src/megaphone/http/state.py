@@ -13,7 +13,7 @@ from megaphone.core import eager
 from megaphone.core.transports import Transport
 
 if TYPE_CHECKING:
-    from megaphone.http.app import Api
+    from megaphone.http.app import Router
     from megaphone.http.connection import HttpProtocol
     from megaphone.http.sinks.base import StreamSink
 
@@ -62,7 +62,7 @@ class HttpServerState:
 
     def __init__(
         self,
-        api: Api,
+        api: Router,
         limits: HttpLimits,
         reads: ReadOptions,
         *,

@@ -1,0 +1,1 @@
+"""The management API (HTTP over a Unix socket, SPEC Part A) and ``megactl``, its command line."""
