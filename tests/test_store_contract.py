@@ -1,0 +1,376 @@
+"""The channel rules, below HTTP, on every store: one fixture parametrised over the memory store
+and the Redis store (a real redis-server), as litestar's ``channels`` backends are tested. The
+Redis store's rules are Lua scripts, the memory store's are Python: these tests are where they are
+proven equal (buffer, queued writers, lease, cursors, replay window, expiry, deletion).
+
+Time: both stores take their clock as a parameter; expiry runs on a virtual one here. Write
+timeouts are real (short) waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from megaphone.core.addressing import ChannelKey, new_consumer_address
+from megaphone.core.events import make_event
+from megaphone.errors import Busy, NotFound, WriteTimeout
+from megaphone.metrics import Metrics
+from megaphone.store.base import ChannelStore, ResumeStatus, Subscription
+from megaphone.store.memory import MemoryStore
+from support import RedisServer
+
+HANG_GUARD = 10.0  # seconds: only turns a hang into a failure
+
+
+class Clock:
+    """A virtual clock (seconds), moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Sink:
+    def __init__(self, writable: bool = True) -> None:
+        self.writable = writable
+        self.lines: list[bytes] = []
+        self.ended = False
+        self.window_ended = False
+
+    def deliver(self, lines: list[bytes]) -> None:
+        self.lines.extend(lines)
+
+    def end(self) -> None:
+        self.ended = True
+
+    def window_full(self) -> None:
+        self.window_ended = True
+
+    @property
+    def bodies(self) -> list[Any]:
+        return [orjson.loads(line)["body"] for line in self.lines]
+
+    @property
+    def eids(self) -> list[str]:
+        return [orjson.loads(line)["eid"] for line in self.lines]
+
+
+StoreFactory = Callable[..., Awaitable[ChannelStore]]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request: pytest.FixtureRequest, clock: Clock) -> AsyncIterator[StoreFactory]:
+    """``await make_store(capacity=..., ...)``: a started store of the parametrised kind."""
+    made: list[ChannelStore] = []
+
+    async def make(**limits: Any) -> ChannelStore:
+        options: dict[str, Any] = {"metrics": Metrics(), "ttl": 60.0, "clock": clock, **limits}
+        store: ChannelStore
+        if request.param == "memory":
+            store = MemoryStore(**options)
+        else:
+            from megaphone.store.redis import RedisStore
+
+            redis: RedisServer = request.getfixturevalue("redis_server")
+            store = RedisStore(url=redis.url, prefix=f"c{uuid.uuid4().hex}:", **options)
+        await store.start()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HANG_GUARD
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def new_channel(store: ChannelStore) -> tuple[str, ChannelKey]:
+    address, key = new_consumer_address("agent")
+    await store.create(key, address, 1_000)
+    return address, key
+
+
+async def write(store: ChannelStore, key: ChannelKey, body: Any, wait: float = 0.0) -> str:
+    event = make_event("s", body)
+    await store.write(key, event, wait)
+    return event.eid
+
+
+async def read(store: ChannelStore, key: ChannelKey, count: int, after: str | None = None) -> Sink:
+    """Attach, start, wait for ``count`` events, close (the lease released)."""
+    sink = Sink()
+    subscription = await store.attach(key, sink, after)
+    subscription.start()
+    await until(lambda: len(sink.lines) >= count or sink.window_ended, f"{count} events")
+    await close(subscription)
+    return sink
+
+
+async def close(subscription: Subscription) -> None:
+    released = subscription.close()
+    if released is not None:
+        await released
+
+
+# --- the buffer and queued writers ------------------------------------------------------------
+
+
+async def test_a_full_buffer_refuses_a_write_that_cannot_wait(make_store: StoreFactory) -> None:
+    store = await make_store(capacity=3)
+    _, key = await new_channel(store)
+    for n in range(3):
+        await write(store, key, n)
+    with pytest.raises(WriteTimeout):
+        await write(store, key, 3)
+    assert (await read(store, key, 3)).bodies == [0, 1, 2]
+    await write(store, key, 3)  # room again once read
+
+
+async def test_the_buffer_is_bounded_by_bytes_too(make_store: StoreFactory) -> None:
+    """One event always fits an empty buffer; past the byte bound the next write waits."""
+    store = await make_store(capacity=100, capacity_bytes=500)
+    _, key = await new_channel(store)
+    await write(store, key, "x" * 1_000)  # alone: fits
+    with pytest.raises(WriteTimeout):
+        await write(store, key, "y")
+    assert (await read(store, key, 1)).bodies == ["x" * 1_000]
+    await write(store, key, "y")
+
+
+async def test_queued_writers_are_admitted_in_arrival_order(make_store: StoreFactory) -> None:
+    store = await make_store(capacity=1)
+    _, key = await new_channel(store)
+    await write(store, key, 0)
+    waiting = []
+    for n in range(1, 4):
+        waiting.append(asyncio.ensure_future(write(store, key, n, wait=HANG_GUARD)))
+        await asyncio.sleep(0.02)  # each queues before the next arrives
+    assert not any(task.done() for task in waiting)
+    sink = Sink()
+    subscription = await store.attach(key, sink, None)
+    subscription.start()
+    await until(lambda: len(sink.lines) == 4, "the queued writes")
+    await asyncio.gather(*waiting)
+    assert sink.bodies == [0, 1, 2, 3]
+    await close(subscription)
+
+
+async def test_a_queued_write_times_out_and_is_not_written(make_store: StoreFactory) -> None:
+    store = await make_store(capacity=1)
+    _, key = await new_channel(store)
+    await write(store, key, 0)
+    with pytest.raises(WriteTimeout):
+        await write(store, key, "late", wait=0.1)
+    assert (await read(store, key, 1)).bodies == [0]
+    await write(store, key, 1)
+    assert (await read(store, key, 1)).bodies == [1]
+
+
+# --- the lease --------------------------------------------------------------------------------
+
+
+async def test_one_reader_at_a_time(make_store: StoreFactory) -> None:
+    store = await make_store()
+    _, key = await new_channel(store)
+    first = await store.attach(key, Sink(), None)
+    with pytest.raises(Busy):
+        await store.attach(key, Sink(), None)
+    await close(first)
+    await close(await store.attach(key, Sink(), None))
+
+
+async def test_unknown_channels_are_not_found(make_store: StoreFactory) -> None:
+    store = await make_store()
+    _, key = new_consumer_address("agent")
+    assert not await store.exists(key)
+    with pytest.raises(NotFound):
+        await write(store, key, 0)
+    with pytest.raises(NotFound):
+        await store.attach(key, Sink(), None)
+
+
+async def test_a_live_reader_gets_new_events_in_order(make_store: StoreFactory) -> None:
+    store = await make_store()
+    _, key = await new_channel(store)
+    sink = Sink()
+    subscription = await store.attach(key, sink, None)
+    subscription.start()
+    for n in range(5):
+        await write(store, key, n)
+    await until(lambda: len(sink.lines) == 5, "live events")
+    assert sink.bodies == [0, 1, 2, 3, 4]
+    await close(subscription)
+
+
+async def test_a_sink_that_cannot_take_keeps_events_pending(make_store: StoreFactory) -> None:
+    store = await make_store(capacity=2)
+    _, key = await new_channel(store)
+    sink = Sink(writable=False)
+    subscription = await store.attach(key, sink, None)
+    subscription.start()
+    await write(store, key, 0)
+    await write(store, key, 1)
+    with pytest.raises(WriteTimeout):
+        await write(store, key, 2)  # they count against the buffer
+    assert sink.lines == []
+    sink.writable = True
+    subscription.resume()
+    await until(lambda: len(sink.lines) == 2, "the pending events")
+    assert sink.bodies == [0, 1]
+    await close(subscription)
+
+
+# --- cursors and the replay window ------------------------------------------------------------
+
+
+async def test_cursors_confirm_and_replay(make_store: StoreFactory) -> None:
+    store = await make_store()
+    _, key = await new_channel(store)
+    for n in range(3):
+        await write(store, key, n)
+    first = await read(store, key, 3)
+    eids = first.eids
+    # resumed after the first: the two later ones are replayed
+    sink = Sink()
+    subscription = await store.attach(key, sink, eids[0])
+    assert subscription.status is ResumeStatus.RESUMED
+    subscription.start()
+    await until(lambda: len(sink.lines) == 2, "the replay")
+    assert sink.eids == eids[1:]
+    await close(subscription)
+    # a cursor the window does not hold: the whole window, flagged
+    sink = Sink()
+    subscription = await store.attach(key, sink, "not-an-eid")
+    assert subscription.status is ResumeStatus.UNKNOWN
+    subscription.start()
+    await until(lambda: len(sink.lines) == 2, "the window")
+    assert sink.eids == eids[1:]
+    await close(subscription)
+    # the newest confirmed eid: resumed, the window replayed
+    sink = Sink()
+    subscription = await store.attach(key, sink, eids[0])
+    assert subscription.status is ResumeStatus.RESUMED
+    await close(subscription)
+    # no cursor: nothing replayed, and the window is confirmed (a later cursor finds nothing)
+    sink = Sink()
+    subscription = await store.attach(key, sink, None)
+    assert subscription.status is ResumeStatus.NONE
+    subscription.start()
+    await write(store, key, "new")
+    await until(lambda: len(sink.lines) == 1, "the new event")
+    assert sink.bodies == ["new"]
+    await close(subscription)
+    resumed = await store.attach(key, Sink(), eids[2])
+    assert resumed.status is ResumeStatus.UNKNOWN
+    await close(resumed)
+
+
+async def test_a_full_replay_window_ends_the_read(make_store: StoreFactory) -> None:
+    """A read delivers while the unconfirmed events fit the window, then asks its sink to end;
+    the next read's cursor confirms them and delivery goes on. Nothing is skipped."""
+    store = await make_store(replay_size=2)
+    _, key = await new_channel(store)
+    for n in range(5):
+        await write(store, key, n)
+
+    async def one_read(cursor: str | None, expected: int, ends: bool) -> Sink:
+        sink = Sink()
+        subscription = await store.attach(key, sink, cursor)
+        subscription.start()
+        await until(lambda: len(sink.lines) >= expected, "a window's events")
+        if ends:
+            await until(lambda: sink.window_ended, "the window to end the read")
+        await close(subscription)
+        assert len(sink.lines) == expected
+        return sink
+
+    got: list[Any] = []
+    cursor: str | None = None
+    for expected, ends in ((2, True), (2, True), (1, False)):
+        sink = await one_read(cursor, expected, ends)
+        got.extend(sink.bodies)
+        cursor = sink.eids[-1]
+    assert got == [0, 1, 2, 3, 4]
+
+
+async def test_the_window_does_not_count_against_the_buffer(make_store: StoreFactory) -> None:
+    store = await make_store(capacity=2, replay_size=10)
+    _, key = await new_channel(store)
+    await write(store, key, 0)
+    await write(store, key, 1)
+    await read(store, key, 2)  # sent, unconfirmed: in the window
+    await write(store, key, 2)
+    await write(store, key, 3)  # the buffer holds only these two
+
+
+# --- expiry and deletion ----------------------------------------------------------------------
+
+
+async def test_channels_expire_after_their_lifetime(make_store: StoreFactory, clock: Clock) -> None:
+    store = await make_store(ttl=60.0)
+    address, key = await new_channel(store)
+    clock.advance(59)
+    assert await store.expire() == []
+    clock.advance(2)
+    assert await store.expire() == [address]
+    assert not await store.exists(key)
+    assert await store.expire() == []  # reported once
+
+
+async def test_a_read_restarts_the_lifetime_and_a_reader_holds_it(
+    make_store: StoreFactory, clock: Clock
+) -> None:
+    store = await make_store(ttl=60.0)
+    address, key = await new_channel(store)
+    clock.advance(50)
+    reading = await store.attach(key, Sink(), None)
+    clock.advance(20)  # past the creation's lifetime: a channel with a reader never expires
+    assert await store.expire() == []
+    await close(reading)  # its lifetime runs again from the end of the read
+    clock.advance(59)
+    assert await store.expire() == []
+    clock.advance(2)
+    assert await store.expire() == [address]
+
+
+async def test_delete_drops_pending_events(make_store: StoreFactory) -> None:
+    store = await make_store()
+    _, key = await new_channel(store)
+    await write(store, key, 0)
+    assert await store.delete(key)
+    assert not await store.delete(key)
+    assert not await store.exists(key)
+    with pytest.raises(NotFound):
+        await write(store, key, 1)
+
+
+async def test_counts(make_store: StoreFactory) -> None:
+    store = await make_store()
+    await new_channel(store)
+    _, key = await new_channel(store)
+    assert await store.count() == 2
+    assert await store.count("agent") == 2
+    assert await store.delete(key)
+    assert await store.count() == 1
