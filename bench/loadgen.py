@@ -527,6 +527,7 @@ class WsReader(asyncio.Protocol):
             elif isinstance(event, CloseConnection):
                 self.ended = True
                 self.close_code = event.code
+                WS_CLOSES[f"{event.code} {event.reason}"] += 1
                 self._send(ws.send(event.response()))
             elif isinstance(event, RejectConnection):
                 self.status = event.status_code
@@ -550,10 +551,14 @@ class WsReader(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if not self.closing and not self.ended:
+            WS_CLOSES[f"connection lost without a close frame: {exc!r}"] += 1
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"reader closed before its head: {exc!r}"))
 
 
+# how WebSocket reads ended before the client closed them ("code reason"): reported
+WS_CLOSES: Counter[str] = Counter()
 TRANSPORTS = ("ndjson", "sse", "websocket")
 EVENT_STREAM = b"Accept: text/event-stream\r\n"
 READ_OK = (200, 101)  # a read's head that starts a stream (101: a WebSocket accepted)
@@ -648,6 +653,7 @@ async def open_readers(
 
 def close_all(readers: Sequence[StreamReader | WsReader]) -> None:
     for reader in readers:
+        reader.closing = True
         if reader.transport is not None:
             reader.transport.abort()
 
@@ -1908,6 +1914,7 @@ async def run_transport(job: dict[str, Any]) -> dict[str, Any]:
     runner = {"throughput": run_throughput, "idle": run_idle}[job["kind"]]
     result = await runner(job)
     result["kind"], result["transport"] = job["kind"], job["transport"]
+    result["ws_closes"] = dict(WS_CLOSES)  # before the client closed them (websocket only)
     return result
 
 

@@ -2080,7 +2080,7 @@ def result_anomalies(where: str, workload: str, r: dict[str, Any]) -> Iterator[s
     ):
         if r.get(key):
             yield f"{where}: {key} = {r[key]}"
-    for key in ("write_errors", "failures", "open_failures"):
+    for key in ("write_errors", "failures", "open_failures", "ws_closes"):
         if r.get(key):
             yield f"{where}: {key} = {r[key]}"
     for key, what in (
