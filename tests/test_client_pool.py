@@ -287,3 +287,20 @@ async def test_backoff_options() -> None:
         next(sync.read("agent.c.1"))
     assert len(calls) == 6
     assert calls[-1] - calls[0] >= 5 * 0.1  # each delay at least half of 0.2 s
+
+
+async def test_a_header_no_request_can_carry_is_refused_not_retried(
+    server: MegaphoneServer,
+) -> None:
+    url = base_url(server)
+    async with AsyncMegaphone(url, token="bad\r\ntoken") as mp:
+        with pytest.raises(ValueError, match="cannot send"):
+            await mp.create()
+        with pytest.raises(ValueError, match="cannot send"):
+            await take(mp.read("agent.c.1", after="bad\r\ncursor"), 1)
+
+    def sync_run() -> None:
+        with Megaphone(url) as sync, pytest.raises(ValueError, match="cannot send"):
+            next(sync.read("agent.c.1", after="bad\ncursor"))
+
+    await asyncio.to_thread(sync_run)

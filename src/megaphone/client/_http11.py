@@ -88,7 +88,11 @@ def encode(
     elif request.method == "POST":
         headers.append((b"content-length", b"0"))
     target = (origin.prefix + request.path).encode()
-    out = conn.send(h11.Request(method=request.method, target=target, headers=headers)) or b""
+    try:
+        event = h11.Request(method=request.method, target=target, headers=headers)
+    except h11.LocalProtocolError as exc:  # a token or cursor no header can carry: not retried
+        raise ValueError(f"cannot send this request: {exc}") from exc
+    out = conn.send(event) or b""
     if content:
         out += conn.send(h11.Data(data=content)) or b""
     return out + (conn.send(h11.EndOfMessage()) or b"")
