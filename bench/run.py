@@ -326,6 +326,12 @@ def start_megaphone_node(
         "600000",
         "--log-level",
         "warning",
+        # the idle workloads hold 10,000+ readers (default max_connections: 10,000)
+        *(
+            ["--max-connections", str(WANTED_NOFILE)]
+            if megaphone_has_flag("--max-connections")
+            else []
+        ),
         *extra,
     ]
     with open(log, "wb") as out:
