@@ -17,16 +17,26 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
 from time import perf_counter
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = tuple(float(80 * 2**i) for i in range(9))  # 80, 160, ..., 20480
 GC_PAUSE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
+LATENCY_SAMPLE = 64  # one event in this many has its write→deliver latency observed
 
 _COUNTERS = {
     "channel_created": "Channels created",
@@ -113,6 +123,13 @@ class GcWatch:
 GC_WATCH = GcWatch()
 
 
+class _Collect:
+    """A collector from a function (families computed on scrape)."""
+
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self.collect = collect
+
+
 class Metrics:
     __slots__ = (
         "_gc_watched",
@@ -120,11 +137,15 @@ class Metrics:
         "channel_created",
         "channel_disposed",
         "channel_duration",
+        "delivery_latency",
+        "latency_countdown",
         "messages_lost",
         "messages_read",
         "messages_received",
         "messages_replayed",
         "messages_unroutable",
+        "refreshers",
+        "requests",
     )
 
     def __init__(self) -> None:
@@ -145,10 +166,77 @@ class Metrics:
         self._registry.register(GC_WATCH.pause)
         self._registry.register(GC_WATCH.longest)
         self._gc_watched = False
+        # write → deliver, sampled (see sample_latency): the hot path pays one decrement
+        self.delivery_latency = Histogram(
+            "megaphone_delivery_latency_seconds",
+            "Time from an event's write (its ts) to its delivery to a reader's socket, in seconds "
+            f"(one delivery in {LATENCY_SAMPLE} sampled, by its last event)",
+            buckets=LATENCY_BUCKETS,
+            registry=self._registry,
+        )
+        self.latency_countdown = LATENCY_SAMPLE
+        # (endpoint, status) → requests answered: plain integers on the hot path
+        self.requests: dict[tuple[str, int], int] = {}
+        self.collector(self._collect_requests)
+        ProcessCollector(namespace="megaphone", registry=self._registry)
+        # awaited before each scrape: figures that need a store round trip (Redis)
+        self.refreshers: list[Callable[[], Awaitable[None]]] = []
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A gauge read on scrape (``megaphone_<name>``): the budgets and what uses them."""
         Gauge(f"megaphone_{name}", help_text, registry=self._registry).set_function(read)
+
+    def gauges(
+        self, name: str, help_text: str, labels: list[str], read: Callable[[], dict[Any, float]]
+    ) -> None:
+        """A gauge with labels read on scrape: ``read()`` maps label values to the figure."""
+
+        def collect() -> Iterable[Metric]:
+            family = GaugeMetricFamily(f"megaphone_{name}", help_text, labels=labels)
+            for values, figure in read().items():
+                family.add_metric(list(values) if isinstance(values, tuple) else [values], figure)
+            yield family
+
+        self.collector(collect)
+
+    def collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._registry.register(_Collect(collect))
+
+    def _collect_requests(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "megaphone_http_requests",
+            "Requests answered, by endpoint and status (reads: counted when they attach)",
+            labels=["endpoint", "status"],
+        )
+        for (endpoint, status), count in sorted(self.requests.items()):
+            family.add_metric([endpoint, str(status)], count)
+        yield family
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        key = (endpoint, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+
+    def sample_latency(self, line: bytes) -> None:
+        """Observe the write→deliver latency of one event in LATENCY_SAMPLE (its ``ts``, the
+        writing node's wall clock, against ours)."""
+        self.latency_countdown -= 1
+        if self.latency_countdown > 0:
+            return
+        self.latency_countdown = LATENCY_SAMPLE
+        start = line.find(b',"ts":"')
+        if start < 0:
+            return
+        start += 7
+        try:
+            written = datetime.fromisoformat(line[start : line.index(b'"', start)].decode())
+        except ValueError:
+            return
+        self.delivery_latency.observe(max(0.0, time.time() - written.timestamp()))
+
+    async def refresh(self) -> None:
+        for refresh in self.refreshers:
+            await refresh()
 
     def watch_gc(self) -> None:
         """Time garbage collections from now on (the process-wide hook); repeating is harmless."""

@@ -7,10 +7,11 @@ import gc
 import logging
 import signal
 import socket
+import time
 from contextlib import suppress
 
 from megaphone.config import Settings
-from megaphone.core.agents import AgentRegistry
+from megaphone.core.agents import Agent, AgentRegistry
 from megaphone.core.broker import Broker
 from megaphone.core.transports import Transport
 from megaphone.errors import ShuttingDown
@@ -105,15 +106,18 @@ class MegaphoneServer:
             ),
             read_options(settings),
             inline=self.store.runs_inline,
+            metrics=self.metrics,
         )
         # the management API: the same connection layer and limits, its own router and state
         self.mgmt = HttpServerState(
-            MgmtApi(self.broker, warmup_secs=settings.agent_warmup_secs),
+            MgmtApi(self.broker, warmup_secs=settings.agent_warmup_secs, on_added=self._announce),
             self.http.limits,
             read_options(settings),
             inline=self.store.runs_inline,
+            metrics=self.metrics,
         )
         self.mgmt_path: str | None = None  # the socket file, once bound
+        self._ready_timers: list[asyncio.TimerHandle] = []  # "agent ready" after a warm-up
         self._mgmt_server: asyncio.Server | None = None
         self.gc_policy = GcPolicy(settings.gc_freeze_interval_millis / 1000)
         self._gauges()
@@ -123,15 +127,44 @@ class MegaphoneServer:
         self.port = 0
 
     def _gauges(self) -> None:
-        """What each budget of issue #9 holds, read on scrape."""
+        """The gauges: what each budget of issue #9 holds, and what the node serves (issue #12),
+        read on scrape."""
         http, gauge = self.http, self.metrics.gauge
         if isinstance(self.store, MemoryStore):
-            budget = self.store.budget
+            memory = self.store
+            budget = memory.budget
             gauge(
                 "pending_bytes",
                 "Bytes of pending and unconfirmed events held (budget: max_pending_bytes)",
                 lambda: budget.used,
             )
+            gauge(
+                "pending_events",
+                "Events written and not yet sent, on this node (memory store)",
+                lambda: memory.backlog()[0],
+            )
+            gauge(
+                "blocked_writers",
+                "Writes waiting for room in a full channel, on this node (memory store)",
+                lambda: memory.backlog()[1],
+            )
+        channels = [0]
+
+        async def count_channels() -> None:
+            channels[0] = await self.store.count()
+
+        self.metrics.refreshers.append(count_channels)
+        gauge(
+            "channels",
+            "Channels (memory store: on this node; Redis store: in the whole cluster)",
+            lambda: channels[0],
+        )
+        self.metrics.gauges(
+            "attached_readers",
+            "Reads attached on this node, by transport",
+            ["transport"],
+            lambda: self.readers_by_transport(),
+        )
         gauge(
             "buffered_io_bytes",
             "Request bodies and answers held for slow clients, in bytes "
@@ -154,6 +187,26 @@ class MegaphoneServer:
             gc.get_freeze_count,
         )
 
+    def _announce(self, agent: Agent) -> None:
+        """Log "agent ready" when a warming-up agent starts hosting new channels."""
+        if agent.warmup_secs <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._ready_timers.append(
+            loop.call_later(
+                agent.warmup_secs,
+                lambda: log.info("agent ready", extra={"agent": agent.name, "mode": agent.mode}),
+            )
+        )
+
+    def readers_by_transport(self) -> dict[str, float]:
+        counts = dict.fromkeys((t.label for t in Transport), 0.0)
+        for connection in self.http.connections:
+            stream = connection.stream
+            if stream is not None and stream.subscription is not None:
+                counts[stream.transport.label] += 1
+        return counts
+
     async def start(self) -> None:
         if self._closed:
             raise RuntimeError("server is closed")
@@ -162,6 +215,8 @@ class MegaphoneServer:
         for name, mode in settings.agents.items():
             key = shared[name] if shared is not None else None
             self.registry.add(name, mode, settings.agent_warmup_secs, key=key)
+        for agent in self.registry.agents.values():
+            self._announce(agent)
         if shared is not None:  # any node serves any agent whose key the store shares
             self.registry.lookup = self.store.agent_key
         await self.store.start()
@@ -207,6 +262,8 @@ class MegaphoneServer:
         self._closed = True
         self.metrics.unwatch_gc()
         self.gc_policy.close()
+        for timer in self._ready_timers:
+            timer.cancel()
         if grace is None:
             grace = self.settings.shutdown_grace_millis / 1000
         self.http.shutting_down = True
@@ -243,13 +300,16 @@ class MegaphoneServer:
 async def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     server = MegaphoneServer(settings)
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # before the start, so that a signal as soon as "listening" is logged stops it gracefully
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
     try:
         await stop.wait()
         log.info("shutting down")
     finally:
+        started = time.monotonic()
         await server.aclose()
+        log.info("shutdown finished", extra={"seconds": round(time.monotonic() - started, 3)})

@@ -44,7 +44,7 @@ OK = orjson.dumps({"status": "OK"})
 MAX_CURSOR_LENGTH = 256
 ROUTE_CACHE_SIZE = 4_096
 CORS_METHODS = b"GET, HEAD, POST, OPTIONS"
-CORS_HEADERS = b"authorization, content-type, last-event-id"
+CORS_HEADERS = b"authorization, content-type, last-event-id, idempotency-key"
 
 
 WRITTEN = Reply(201, OK, JSON, prebuilt=True)  # an accepted write: the hot path's answer
@@ -71,6 +71,9 @@ class CreateBody(_Strict):
 class BatchMessage(_Strict):
     stream_id: str = Field(validation_alias=AliasChoices("streamId", "stream_id"))
     body: Any
+    idempotency_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("idempotencyKey", "idempotency_key")
+    )
 
 
 class WriteBatchBody(_Strict):
@@ -196,6 +199,17 @@ def read_cursor(request: Request, params: dict[str, str] | None = None) -> str |
     return cursor
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The optional ``Idempotency-Key`` of a write (checked by the broker)."""
+    raw = request.headers.get(b"idempotency-key")
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("Idempotency-Key is not valid UTF-8") from None
+
+
 def read_transport(request: Request, params: dict[str, str]) -> Transport:
     """The transport a read asks for: a WebSocket upgrade, else ``?transport=``, else SSE when
     ``Accept`` names ``text/event-stream``, else the original NDJSON stream."""
@@ -256,14 +270,14 @@ class Router:
         self.routes: Routes = {}
         self.cached: Handler | None = None  # the handler whose routes are remembered
         # (method, path) of a write → what _route found: a producer writes the same path again
-        self._routed: dict[tuple[bytes, bytes], tuple[Handler, list[str], bool]] = {}
+        self._routed: dict[tuple[bytes, bytes], tuple[Handler, list[str], bool, str]] = {}
 
     def route(self, request: Request) -> tuple[Handler, list[str]]:
         """The handler and raw path parameters; 404 for an unknown path, 405 for a wrong method,
         401 for a protected endpoint without the configured bearer token."""
         known = self._routed.get((request.method, request.path))
         if known is not None:  # a producer writing again
-            handler, params, protected = known
+            handler, params, protected, request.endpoint = known
             if protected and self.token is not None:
                 check_bearer(request, self.token)
             return handler, params
@@ -273,7 +287,12 @@ class Router:
         if handler == self.cached:  # reads come once per window: not worth their memory
             if len(self._routed) >= ROUTE_CACHE_SIZE:
                 self._routed.clear()
-            self._routed[(request.method, request.path)] = (handler, params, protected)
+            self._routed[(request.method, request.path)] = (
+                handler,
+                params,
+                protected,
+                request.endpoint,
+            )
         return handler, params
 
     def _route(self, request: Request) -> tuple[Handler, list[str], bool]:
@@ -285,6 +304,7 @@ class Router:
         if entry is None:
             raise NotFound("no such endpoint")
         methods, arity, protected = entry
+        request.endpoint = head
         params = rest.split("/", arity - 1) if arity else ([rest] if rest else [])
         if (arity == 0 and params) or (arity and (len(params) != arity or "/" in params[-1])):
             raise NotFound("no such endpoint")
@@ -341,7 +361,9 @@ class Api(Router):
         stream_id = decode_segment(stream)
         body = parse_json(request.body)
         request.body = b""  # parsed: a write that waits for room holds its event, not this
-        pending = self.broker.write_now(decode_segment(producer), stream_id, body)
+        pending = self.broker.write_now(
+            decode_segment(producer), stream_id, body, idempotency_key(request)
+        )
         return WRITTEN if pending is None else self._written(pending)
 
     async def _written(self, pending: Coroutine[Any, Any, None]) -> Result:
@@ -360,7 +382,8 @@ class Api(Router):
         if not self.room_for_answer(worst):
             raise Overloaded("the server's budget for buffered requests and answers is full")
         try:
-            failures = await self.broker.write_batch(batch.channels, messages)
+            keys = [m.idempotency_key for m in batch.messages]
+            failures = await self.broker.write_batch(batch.channels, messages, keys)
             return Reply(201, orjson.dumps({"failures": failures}))
         finally:
             self.release_answer(worst)
@@ -396,6 +419,7 @@ class Api(Router):
         return Reply(200, orjson.dumps({"channels": exists}))
 
     async def render_metrics(self, request: Request, params: list[str]) -> Result:
+        await self.metrics.refresh()
         return Reply(200, self.metrics.render(), METRICS_TYPE.encode())
 
     async def healthz(self, request: Request, params: list[str]) -> Result:

@@ -280,7 +280,9 @@ class HttpProtocol(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.request = Request()
+        self.request = request = Request()
+        if self.state.access_log:
+            request.started = self.loop.time()
         self._url = []
         self._url_bytes = 0
         self._header_bytes = 0
@@ -483,6 +485,7 @@ class HttpProtocol(asyncio.Protocol):
         self._process_queue()
 
     def send_reply(self, request: Request, reply: Reply) -> None:
+        self.answered(request, reply.status)
         keep_alive = self.keep_alive_for(request)
         framed = reply.framed
         if framed is not None and keep_alive and not request.http10 and not request.cors:
@@ -508,14 +511,41 @@ class HttpProtocol(asyncio.Protocol):
         closing = self.close_when_idle and not self.queue
         return request.keep_alive and not closing and not self.state.shutting_down
 
-    def _send_error(self, request: Request | None, error: MegaphoneError) -> None:
-        if error.status >= 500 and error.code == "INTERNAL_SERVER_ERROR":
-            log.error("request failed", extra={"status": error.status, "code": error.code})
-        else:
-            log.info(
-                "request rejected",
-                extra={"status": error.status, "code": error.code, "detail": error.message},
+    def answered(self, request: Request, status: int) -> None:
+        """Count a request by endpoint and status; its access line when logging at debug."""
+        state = self.state
+        state.metrics.count_request(request.endpoint or "other", status)
+        if state.access_log:
+            log.debug(
+                "request",
+                extra={
+                    "method": request.method.decode("latin-1"),
+                    "path": short_path(request.path),
+                    "status": status,
+                    "duration_ms": round((self.loop.time() - request.started) * 1000, 3),
+                    "client": self.client(),
+                },
             )
+
+    def client(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return f"{peer[0]}:{peer[1]}"
+        return "unix" if peer is not None else "-"
+
+    def _send_error(self, request: Request | None, error: MegaphoneError) -> None:
+        where = {
+            "status": error.status,
+            "code": error.code,
+            "path": short_path(request.path) if request is not None else "-",
+            "client": self.client(),
+        }
+        if error.status >= 500 and error.code == "INTERNAL_SERVER_ERROR":
+            log.error("request failed", extra=where)
+        else:
+            log.info("request rejected", extra={**where, "detail": error.message})
+        if request is not None:
+            self.state.metrics.count_request(request.endpoint or "other", error.status)
         keep_alive = request is not None and self.keep_alive_for(request)
         http10 = request is not None and request.http10
         head = request is not None and request.method == b"HEAD"
@@ -558,6 +588,7 @@ class HttpProtocol(asyncio.Protocol):
             self._read_failed(request, stream, exc)
             return
         if isinstance(outcome, eager.Done):
+            self.answered(request, stream.status)
             stream.attached(outcome.value, self.state)
             return
         self.task = outcome
@@ -576,6 +607,7 @@ class HttpProtocol(asyncio.Protocol):
         elif self.closed:
             task.result().close()  # the client left while we attached
         else:
+            self.answered(request, stream.status)
             stream.attached(task.result(), self.state)
 
     def _read_failed(self, request: Request, stream: StreamSink, exc: BaseException) -> None:
@@ -695,6 +727,14 @@ class HttpProtocol(asyncio.Protocol):
             self._fatal(RequestTimeout("request not received in time"))
         else:
             self.close()
+
+
+def short_path(path: bytes) -> str:
+    """A request path for logs, long segments (addresses) cut: ``/write/vm.Gx3k…/s``."""
+    text = path.decode("latin-1")
+    if len(text) <= 48:
+        return text
+    return "/".join(part if len(part) <= 16 else part[:12] + "…" for part in text.split("/"))
 
 
 def _framing_error(exc: Exception) -> MegaphoneError:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from megaphone.http.app import Router
     from megaphone.http.connection import HttpProtocol
     from megaphone.http.sinks.base import StreamSink
+    from megaphone.metrics import Metrics
 
 log = logging.getLogger("megaphone.http")
 
@@ -67,8 +68,12 @@ class HttpServerState:
         reads: ReadOptions,
         *,
         inline: bool,
+        metrics: Metrics,
     ) -> None:
         self.api = api
+        self.metrics = metrics
+        # one access line per request at debug (checked once: the hot path pays a bool)
+        self.access_log = log.isEnabledFor(logging.DEBUG)
         self.limits = limits
         self.reads = reads
         self.connections: set[HttpProtocol] = set()  # served (at most max_connections)

@@ -26,12 +26,14 @@ class Request:
     __slots__ = (
         "body",
         "cors",
+        "endpoint",
         "headers",
         "http10",
         "keep_alive",
         "method",
         "path",
         "query",
+        "started",
         "upgrade",
     )
 
@@ -45,6 +47,8 @@ class Request:
         self.http10 = False
         self.keep_alive = True
         self.upgrade = False  # the parser saw a protocol upgrade (Connection: upgrade + Upgrade)
+        self.endpoint = ""  # the route's name once routed (metrics and logs)
+        self.started = 0.0  # loop time of its first byte (only while access lines are logged)
 
 
 class Result:

@@ -8,7 +8,9 @@ connection layer as the public API (:mod:`megaphone.http.connection`).
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
@@ -16,11 +18,13 @@ import orjson
 from pydantic import Field
 
 from megaphone.config import AgentMode
+from megaphone.core.agents import Agent
 from megaphone.core.broker import Broker
 from megaphone.errors import AlreadyExists, BadRequest, NotFound, NotImplementedHere
 from megaphone.http.app import Cors, Router, _Strict, decode_segment, parse_model, query_params
 from megaphone.http.types import Reply, Request, Result
 
+log = logging.getLogger("megaphone.mgmt")
 AGENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 10_000
@@ -49,9 +53,12 @@ def _bounded_int(params: dict[str, str], name: str, default: int, most: int) -> 
 
 
 class MgmtApi(Router):
-    def __init__(self, broker: Broker, *, warmup_secs: float) -> None:
+    def __init__(
+        self, broker: Broker, *, warmup_secs: float, on_added: Callable[[Agent], None]
+    ) -> None:
         super().__init__(broker, token=None, cors=Cors([]))
         self.warmup_secs = warmup_secs
+        self.on_added = on_added  # e.g. log "agent ready" once its warm-up is over
         self.routes = {
             "vagent": ({b"GET": self.vagent_get, b"POST": self.vagent_post}, 1, False),
             "channel": ({b"GET": self.channel_get, b"DELETE": self.channel_delete}, 1, False),
@@ -94,7 +101,8 @@ class MgmtApi(Router):
         if name in registry.agents:  # added meanwhile
             raise AlreadyExists(f"agent {name!r} already exists on this node")
         key = shared[name] if shared is not None else None
-        registry.add(name, AgentMode.MASTER, self.warmup_secs, key=key)
+        self.on_added(registry.add(name, AgentMode.MASTER, self.warmup_secs, key=key))
+        log.info("agent added", extra={"agent": name})
         return Reply(201, OK)
 
     async def channel_get(self, request: Request, params: list[str]) -> Result:

@@ -517,3 +517,14 @@ class MemoryStore(ChannelStore):
         if agent is None:
             return len(self._channels)
         return self._per_agent.get(agent, 0)
+
+    def backlog(self) -> tuple[int, int]:
+        """``(pending events, writers waiting for room)`` over every channel, for the gauges
+        (a walk over the channels: read on scrape, not on the hot path)."""
+        pending = waiting = 0
+        for channel in self._channels.values():
+            if channel.pending:
+                pending += len(channel.pending)
+            if channel.waiters:
+                waiting += len(channel.waiters)
+        return pending, waiting

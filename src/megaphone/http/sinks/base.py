@@ -43,6 +43,7 @@ def event_id(line: bytes) -> bytes:
 class StreamSink:
     transport: ClassVar[Transport]
     content_type: ClassVar[bytes] = wire.NDJSON
+    status: ClassVar[int] = 200  # of the response, once attached (metrics, access lines)
 
     __slots__ = (
         "_beats",
@@ -124,6 +125,7 @@ class StreamSink:
         if not self._started:
             self._start()
         self.connection.write(self.body(self.frame(lines)))
+        self.connection.state.metrics.sample_latency(lines[-1])
 
     def attached(self, subscription: Subscription, state: HttpServerState) -> None:
         self.subscription = subscription

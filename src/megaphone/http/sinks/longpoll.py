@@ -25,20 +25,20 @@ if TYPE_CHECKING:
 class LongPollSink(StreamSink):
     transport = Transport.LONG_POLL
     content_type = wire.JSON
-    __slots__ = ("events", "head_only", "http10", "status")
+    __slots__ = ("events", "http10", "resume")
 
     def __init__(self, connection: HttpProtocol, request: Request, read: ReadStream) -> None:
         super().__init__(connection, request, read)
         self.keep_alive = connection.keep_alive_for(request)  # a plain response: no chunking
         self.http10 = request.http10
         self.events: list[bytes] = []
-        self.status = ResumeStatus.NONE
+        self.resume = ResumeStatus.NONE
 
     def wants_heartbeats(self, read: ReadStream) -> bool:
         return False
 
     def attached(self, subscription: Subscription, state: HttpServerState) -> None:
-        self.status = subscription.status
+        self.resume = subscription.status
         self._started = True  # nothing goes out before the answer
         super().attached(subscription, state)
 
@@ -47,14 +47,15 @@ class LongPollSink(StreamSink):
             # answer at the end of this turn of the loop, with whatever else arrives meanwhile
             self.connection.loop.call_soon(self.finish, EndReason.WINDOW)
         self.events.extend(lines)
+        self.connection.state.metrics.sample_latency(lines[-1])
 
     def _complete(self, reason: EndReason) -> None:
         connection = self.connection
         if connection.closed:
             return
         extra = self.cors + wire.NO_STORE
-        if self.status is not ResumeStatus.NONE:
-            extra += b"megaphone-resume: %b\r\n" % self.status.value.encode()
+        if self.resume is not ResumeStatus.NONE:
+            extra += b"megaphone-resume: %b\r\n" % self.resume.value.encode()
         if self.events:
             body = b"[%b]" % b",".join([line[:-1] for line in self.events])
             status = 200

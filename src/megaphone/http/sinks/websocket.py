@@ -37,6 +37,7 @@ GAP_MESSAGE = '{"resume":"unknown-cursor"}'
 
 class WebSocketSink(StreamSink):
     transport = Transport.WEBSOCKET
+    status = 101
     __slots__ = ("accept", "ws")
 
     def __init__(self, connection: HttpProtocol, request: Request, read: ReadStream) -> None:

@@ -314,14 +314,19 @@ class RespSubscriber:
 
     async def _run(self) -> None:
         delay = 0.05
+        interrupted = False
         while True:
             try:
                 protocol = await connect(self.address, PushProtocol, SUBSCRIBER_NAME)
             except RespConnectionError as exc:
                 log.warning("redis notifications interrupted", extra={"error": str(exc)})
+                interrupted = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            if interrupted:
+                log.info("store reconnected", extra={"connection": "notifications"})
+            interrupted = True  # from now on, a new connection is a reconnection
             delay = 0.05
             protocol.on_push = self._push
             self.protocol = protocol
