@@ -5,6 +5,7 @@ collector; and the access line at debug."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import signal
@@ -14,8 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ServerFactory, base_url, create_channel
+from conftest import ServerFactory, base_url, create_channel, make_settings
 from megaphone.metrics import LATENCY_SAMPLE
+from megaphone.server import MegaphoneServer
 from support import free_port
 
 
@@ -177,3 +179,20 @@ async def test_shutdown_finished_is_logged(tmp_path: Path) -> None:
         rest = (await process.stderr.read()).decode()
         assert await process.wait() == 0
     assert 'msg="shutdown finished"' in rest
+
+
+async def test_the_dashboard_uses_only_series_we_export() -> None:
+    path = Path(__file__).parent.parent / "docs/grafana-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"megaphone_[a-z_]+", e)}
+    node = MegaphoneServer(make_settings())  # the memory store exports every series
+    await node.start()
+    try:
+        async with httpx.AsyncClient(base_url=base_url(node)) as http:
+            text = await scrape(http)
+    finally:
+        await node.aclose()
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    exported |= {f"{name}_bucket" for name in exported} | {f"{name}_total" for name in exported}
+    assert used <= exported, used - exported
