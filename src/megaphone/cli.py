@@ -146,7 +146,7 @@ def main(config_file: Path | None, check: bool, **flags: Any) -> None:
         run = uvloop.run
     try:
         run(serve(settings))
-    except (MegaphoneError, OSError) as exc:
+    except (MegaphoneError, OSError, ValueError) as exc:  # what a start-up refuses, one line
         line = str(exc)
         if isinstance(exc, StoreUnavailable):
             line += f" (redis_url {hide_password(settings.redis_url)!r})"

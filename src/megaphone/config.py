@@ -247,9 +247,9 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        description="the Redis server of the `redis` store: `redis://[[user]:password@]host"
-        "[:port][/db]`, `rediss://…` (TLS; options `ssl_cert_reqs`, `ssl_ca_certs`, "
-        "`ssl_certfile`, `ssl_keyfile`, `ssl_check_hostname`) or `unix:///path[?db=N]`",
+        description="the Redis server of the `redis` store: `redis://`, `unix://`, or `rediss://` "
+        "(TLS; options `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`, "
+        "`ssl_check_hostname`, see [docs/redis.md](docs/redis.md))",
     )
     redis_prefix: str = Field(
         default="megaphone:",
@@ -270,10 +270,8 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(
         default=256,
         gt=0,
-        description="the pool of redis-py connections per node (plain commands; with `rediss://` "
-        "also the scripts and pub/sub); a command waits for a free one (up to 5 s) rather than "
-        "failing. The scripts and notifications of `redis://` and `unix://` addresses use two "
-        "connections of their own",
+        description="accepted and ignored since issue #13: a node's commands share one pipelined "
+        "connection (plus one for notifications)",
     )
     redis_timeout_millis: int = Field(
         default=5_000,
@@ -433,6 +431,13 @@ def check_redis_url(url: str) -> None:
     for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
         if key in tls and not os.access(tls[key], os.R_OK):
             raise ValueError(f"redis_url {key}: cannot read {tls[key]!r}")
+    from megaphone.store.redis.url import RedisAddress  # the store's own parser, as at start-up
+
+    try:
+        RedisAddress.parse(url)  # e.g. a certificate file that is no certificate
+    except (ValueError, OSError) as exc:
+        message = str(exc).replace(url, shown)
+        raise ValueError(message if "redis_url" in message else f"redis_url: {message}") from None
 
 
 _CONFIG_FILE: dict[str, Path | None] = {}
