@@ -374,3 +374,67 @@ async def test_counts(make_store: StoreFactory) -> None:
     assert await store.count("agent") == 2
     assert await store.delete(key)
     assert await store.count() == 1
+
+
+# --- idempotent writes ------------------------------------------------------------------------
+
+
+async def test_a_retried_write_is_applied_once(make_store: StoreFactory) -> None:
+    store = await make_store()
+    _, key = await new_channel(store)
+    await store.write(key, make_event("s", "first"), 0.0, "k1")
+    await store.write(key, make_event("s", "retry"), 0.0, "k1")  # succeeds, writes nothing
+    await store.write(key, make_event("s", "other"), 0.0, "k2")
+    await store.write(key, make_event("s", "plain"), 0.0)
+    assert (await read(store, key, 3)).bodies == ["first", "other", "plain"]
+    await store.write(key, make_event("s", "again"), 0.0, "k1")  # still remembered
+    await store.write(key, make_event("s", "next"), 0.0)
+    assert (await read(store, key, 1)).bodies == ["next"]
+
+
+async def test_idempotency_keys_are_per_channel(make_store: StoreFactory) -> None:
+    store = await make_store()
+    _, first = await new_channel(store)
+    _, second = await new_channel(store)
+    await store.write(first, make_event("s", 1), 0.0, "k")
+    await store.write(second, make_event("s", 2), 0.0, "k")
+    assert (await read(store, second, 1)).bodies == [2]
+
+
+async def test_idempotency_keys_are_kept_for_a_bounded_time_and_number(
+    make_store: StoreFactory, clock: Clock
+) -> None:
+    store = await make_store(idempotency_ttl=30.0, idempotency_max=2)
+    _, key = await new_channel(store)
+    for name in ("a", "b", "c"):  # "a" is dropped for "c": at most two are kept
+        await store.write(key, make_event("s", name), 0.0, name)
+    await store.write(key, make_event("s", "a again"), 0.0, "a")
+    await store.write(key, make_event("s", "c again"), 0.0, "c")
+    clock.advance(31)  # past the retention: every key forgotten
+    await store.write(key, make_event("s", "c late"), 0.0, "c")
+    assert (await read(store, key, 5)).bodies == ["a", "b", "c", "a again", "c late"]
+
+
+async def test_a_write_that_was_not_applied_is_not_remembered(make_store: StoreFactory) -> None:
+    store = await make_store(capacity=1)
+    _, key = await new_channel(store)
+    await write(store, key, 0)
+    with pytest.raises(WriteTimeout):
+        await store.write(key, make_event("s", "refused"), 0.0, "k")
+    assert (await read(store, key, 1)).bodies == [0]
+    await store.write(key, make_event("s", "retried"), 0.0, "k")
+    await store.write(key, make_event("s", "retried twice"), 0.0, "k")
+    assert (await read(store, key, 1)).bodies == ["retried"]
+
+
+async def test_a_queued_write_remembers_its_key_once_applied(make_store: StoreFactory) -> None:
+    store = await make_store(capacity=1)
+    _, key = await new_channel(store)
+    await write(store, key, 0)
+    queued = asyncio.ensure_future(store.write(key, make_event("s", "queued"), HANG_GUARD, "k"))
+    await asyncio.sleep(0.02)
+    assert (await read(store, key, 2)).bodies == [0, "queued"]  # admitted as room appears
+    await queued
+    await store.write(key, make_event("s", "duplicate"), 0.0, "k")
+    await write(store, key, "next")
+    assert (await read(store, key, 1)).bodies == ["next"]

@@ -33,6 +33,13 @@ log = logging.getLogger("megaphone.broker")
 
 SUPPORTED_PROTOCOLS: tuple[str, ...] = tuple(t.protocol for t in transports.ALL_TRANSPORTS)
 MAX_ADDRESS_LENGTH = 256  # longer than any address this broker mints (agent names aside)
+MAX_IDEMPOTENCY_KEY_LENGTH = 256
+
+
+def check_idempotency_key(key: str) -> None:
+    """An idempotency key is 1 to 256 characters (a UUID is the usual choice)."""
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise BadRequest(f"an idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
 
 
 class Broker:
@@ -80,25 +87,31 @@ class Broker:
         }
 
     def write_now(
-        self, producer: str, stream_id: str, body: Any
+        self, producer: str, stream_id: str, body: Any, idempotency_key: str | None = None
     ) -> Coroutine[Any, Any, None] | None:
         """Write one event: None when it is already accepted (a channel with room on a store that
-        needs no I/O, the hot path, no coroutine at all), else the write still to await."""
+        needs no I/O, the hot path, no coroutine at all), else the write still to await. A write
+        with an ``idempotency_key`` the channel applied already succeeds without writing."""
         self.check_stream_id(stream_id)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         try:
             key = self.registry.addresses.producer(producer)
         except MegaphoneError:
             if not self.registry.may_learn(producer):
                 raise
-            return self._write_learning(producer, stream_id, body)
+            return self._write_learning(producer, stream_id, body, idempotency_key)
         event = make_event(stream_id, body)
-        if self.store.write_now(key, event):
+        if self.store.write_now(key, event, idempotency_key):
             return None
-        return self.store.write(key, event, self.write_timeout)
+        return self.store.write(key, event, self.write_timeout, idempotency_key)
 
-    async def _write_learning(self, producer: str, stream_id: str, body: Any) -> None:
+    async def _write_learning(
+        self, producer: str, stream_id: str, body: Any, idempotency_key: str | None
+    ) -> None:
         key = await self._resolve(self.registry.addresses.producer, producer)
-        await self.store.write(key, make_event(stream_id, body), self.write_timeout)
+        event = make_event(stream_id, body)
+        await self.store.write(key, event, self.write_timeout, idempotency_key)
 
     async def _resolve(self, resolve: Callable[[str], ChannelKey], address: str) -> ChannelKey:
         """``resolve(address)``; an address of an agent this node does not know (or whose key
@@ -143,15 +156,27 @@ class Broker:
             self.check_stream_id(stream_id)
 
     async def write_batch(
-        self, channels: Sequence[str], messages: Sequence[tuple[str, Any]]
+        self,
+        channels: Sequence[str],
+        messages: Sequence[tuple[str, Any]],
+        idempotency_keys: Sequence[str | None] = (),
     ) -> list[dict[str, Any]]:
+        """``idempotency_keys``: one per message (or none at all), each kept per channel."""
         self.check_batch(channels, messages)
+        keys = list(idempotency_keys) or [None] * len(messages)
+        if len(keys) != len(messages):
+            raise ValueError("one idempotency key (or None) per message")
+        for idempotency_key in keys:
+            if idempotency_key is not None:
+                check_idempotency_key(idempotency_key)
         unique = list(dict.fromkeys(channels))
         events = [make_event(stream_id, body) for stream_id, body in messages]
-        results = await asyncio.gather(*(self._write_all(c, events) for c in unique))
+        results = await asyncio.gather(*(self._write_all(c, events, keys) for c in unique))
         return [failure for failures in results for failure in failures]
 
-    async def _write_all(self, channel: str, events: list[Event]) -> list[dict[str, Any]]:
+    async def _write_all(
+        self, channel: str, events: list[Event], keys: list[str | None]
+    ) -> list[dict[str, Any]]:
         failures: list[dict[str, Any]] = []
         try:
             key = await self._resolve(self.registry.addresses.producer, channel)
@@ -165,7 +190,7 @@ class Broker:
                 failures.append({"channel": channel, "index": index, "reason": Skipped.code})
                 continue
             try:
-                await self.store.write(key, event, self.write_timeout)
+                await self.store.write(key, event, self.write_timeout, keys[index])
             except MegaphoneError as exc:
                 failures.append({"channel": channel, "index": index, "reason": exc.code})
                 timed_out = isinstance(exc, WriteTimeout | ShuttingDown)

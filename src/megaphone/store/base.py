@@ -94,10 +94,17 @@ class ChannelStore(abc.ABC):
     async def exists(self, key: ChannelKey) -> bool: ...
 
     @abc.abstractmethod
-    async def write(self, key: ChannelKey, event: Event, wait: float) -> None:
-        """Append ``event``; wait up to ``wait`` seconds for room. NotFound / WriteTimeout."""
+    async def write(
+        self, key: ChannelKey, event: Event, wait: float, idempotency_key: str | None = None
+    ) -> None:
+        """Append ``event``; wait up to ``wait`` seconds for room. NotFound / WriteTimeout.
 
-    def write_now(self, key: ChannelKey, event: Event) -> bool:
+        With an ``idempotency_key``: a key the channel applied a write with, within the store's
+        retention (``idempotency_ttl``, at most ``idempotency_max`` keys per channel), makes
+        this write succeed without writing anything, so a retried write is applied once and
+        answers as the first did. A key is remembered only when its write is applied."""
+
+    def write_now(self, key: ChannelKey, event: Event, idempotency_key: str | None = None) -> bool:
         """Append ``event`` if that takes no waiting and no I/O; False when the caller must use
         :meth:`write` instead (no room now, or a store that has to ask a server). NotFound."""
         return False

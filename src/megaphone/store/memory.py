@@ -75,6 +75,7 @@ class MemoryChannel:
         "confirmed",
         "created_at",
         "expires_at",
+        "idem",
         "key",
         "pending",
         "pending_bytes",
@@ -104,6 +105,9 @@ class MemoryChannel:
         self.replay: list[Event] | None = None  # to re-send when the attached reader starts
         self.reader: ReadSink | None = None  # holds the lease from attach to close
         self.sink: ReadSink | None = None  # receives events once started
+        # idempotency keys of applied writes → until when they are kept (oldest first: they all
+        # live as long, so insertion order is expiry order)
+        self.idem: dict[str, float] | None = None
 
     # --- room ----------------------------------------------------------------------------------
 
@@ -161,6 +165,31 @@ class MemoryChannel:
             kept, kept_bytes = None, 0
         self.store.budget.used -= self.sent_bytes - kept_bytes
         self.sent, self.sent_bytes = kept, kept_bytes
+
+    # --- idempotent writes --------------------------------------------------------------------
+
+    def applied(self, idempotency_key: str, now: float) -> bool:
+        """Whether a write with this key was applied within the retention."""
+        keys = self.idem
+        if keys is None:
+            return False
+        while keys:
+            oldest = next(iter(keys))
+            if keys[oldest] > now:
+                break
+            del keys[oldest]
+        if not keys:
+            self.idem = None
+            return False
+        return idempotency_key in keys
+
+    def remember(self, idempotency_key: str, now: float) -> None:
+        keys = self.idem
+        if keys is None:
+            keys = self.idem = {}
+        keys[idempotency_key] = now + self.store.idempotency_ttl
+        if len(keys) > self.store.idempotency_max:
+            del keys[next(iter(keys))]
 
     # --- writing and delivery ----------------------------------------------------------------
 
@@ -349,8 +378,12 @@ class MemoryStore(ChannelStore):
         budget_bytes: int = 256 << 20,
         ttl: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        idempotency_ttl: float = 300.0,
+        idempotency_max: int = 1_000,
     ) -> None:
         self.metrics = metrics
+        self.idempotency_ttl = idempotency_ttl
+        self.idempotency_max = idempotency_max
         self.capacity = capacity
         self.capacity_bytes = capacity_bytes
         self.window_size = replay_size
@@ -386,15 +419,25 @@ class MemoryStore(ChannelStore):
             raise NotFound("channel not found")
         return channel
 
-    def write_now(self, key: ChannelKey, event: Event) -> bool:
+    def write_now(self, key: ChannelKey, event: Event, idempotency_key: str | None = None) -> bool:
         channel = self._channels.get(key)
         if channel is None:
             self.metrics.messages_unroutable += 1
             raise NotFound("channel not found")
-        return channel.offer(event)
+        if idempotency_key is None:
+            return channel.offer(event)
+        now = self.clock()
+        if channel.applied(idempotency_key, now):
+            return True  # applied before: answered as then, written once
+        if channel.offer(event):
+            channel.remember(idempotency_key, now)
+            return True
+        return False
 
-    async def write(self, key: ChannelKey, event: Event, wait: float) -> None:
-        if self.write_now(key, event):
+    async def write(
+        self, key: ChannelKey, event: Event, wait: float, idempotency_key: str | None = None
+    ) -> None:
+        if self.write_now(key, event, idempotency_key):
             return
         channel = self._channels[key]
         size = _size(event)
@@ -414,6 +457,8 @@ class MemoryStore(ChannelStore):
         channel.waiters.append(waiter)
         try:
             await waiter.future
+            if idempotency_key is not None:
+                channel.remember(idempotency_key, self.clock())
         finally:
             if not waiter.future.done() or waiter.future.cancelled():
                 waiter.timer.cancel()

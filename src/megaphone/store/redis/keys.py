@@ -10,6 +10,7 @@ that Redis Cluster keeps one channel's keys on one shard:
 * ``P{id}:p`` stream: the channel's events, pre-serialised (``e`` eid, ``l`` NDJSON line).
   Entries up to ``dl`` are the replay window, entries after it are pending;
 * ``P{id}:w`` list: tickets of writers waiting for room, in arrival order (FIFO across nodes);
+* ``P{id}:i`` sorted set: idempotency keys of applied writes, scored by when they are forgotten;
 * ``P{id}:n`` pub/sub channel: "new events" (``""``) or "deleted" (``"d"``) for the reading node;
 * ``Pexpiry`` sorted set: channel ids by the time to check them for expiry; ``Pcount`` and
   ``Pcount:<agent>``: channels;
@@ -24,7 +25,7 @@ from megaphone.core.addressing import ChannelKey
 class ChannelKeys:
     """The keys of one channel."""
 
-    __slots__ = ("id", "keys", "meta", "notify", "stream", "waiting")
+    __slots__ = ("id", "idem", "keys", "meta", "notify", "stream", "waiting")
 
     def __init__(self, prefix: str, channel_id: str) -> None:
         self.id = channel_id
@@ -32,7 +33,8 @@ class ChannelKeys:
         self.meta = base + ":m"
         self.stream = base + ":p"
         self.waiting = base + ":w"
-        self.keys = [self.meta, self.stream, self.waiting]  # a script's KEYS
+        self.idem = base + ":i"
+        self.keys = [self.meta, self.stream, self.waiting, self.idem]  # a script's KEYS
         self.notify = base + ":n"
 
     @property

@@ -63,8 +63,12 @@ class RedisStore(ChannelStore):
         timeout: float = 5.0,
         agent_check: float = 1.0,
         clock: Callable[[], float] = time.time,
+        idempotency_ttl: float = 300.0,
+        idempotency_max: int = 1_000,
     ) -> None:
         self.metrics = metrics
+        self.idempotency_ttl_ms = int(idempotency_ttl * 1000)
+        self.idempotency_max = idempotency_max
         # the time the scripts are given (seconds): every channel rule (expiry, leases, waiting
         # tickets) compares only times taken from it, so tests may inject a virtual one
         self.clock = clock
@@ -216,7 +220,9 @@ class RedisStore(ChannelStore):
     async def exists(self, key: ChannelKey) -> bool:
         return bool(await self._call("EXISTS", self.keys.channel(key).meta))
 
-    async def write(self, key: ChannelKey, event: Event, wait: float) -> None:
+    async def write(
+        self, key: ChannelKey, event: Event, wait: float, idempotency_key: str | None = None
+    ) -> None:
         ids = self.keys.channel(key)
         deadline = time.monotonic() + wait
         ticket = f"{self._now_ms() + int(wait * 1000)}:{os.urandom(6).hex()}"
@@ -237,10 +243,15 @@ class RedisStore(ChannelStore):
                     self.safety_ms,
                     self.capacity_bytes,
                     EVENT_OVERHEAD,
+                    idempotency_key or "",
+                    self.idempotency_ttl_ms,
+                    self.idempotency_max,
                 ],
             )
             if written == 1:
                 self.metrics.messages_received += 1
+                return
+            if written == 2:  # applied before (a retry): answered as then, written once
                 return
             if written == -1:
                 self.metrics.messages_unroutable += 1

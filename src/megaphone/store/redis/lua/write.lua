@@ -1,7 +1,13 @@
--- KEYS m p w; ARGV eid line capacity ticket now enqueue notify safety capacity_bytes overhead
--- needs lib.lua
+-- KEYS m p w i; ARGV eid line capacity ticket now enqueue notify safety capacity_bytes overhead
+-- idempotency_key idempotency_ttl idempotency_max → 1 written, 0 no room (queued if enqueue),
+-- -1 no such channel, 2 a write with this idempotency key was applied already (nothing written)
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local now = tonumber(ARGV[5])
+local idem = ARGV[11]
+if idem ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  if redis.call('ZSCORE', KEYS[4], idem) then return 2 end
+end
 while true do
   local head = redis.call('LINDEX', KEYS[3], 0)
   if not head then break end
@@ -24,6 +30,13 @@ redis.call('XADD', KEYS[2], '*', 'e', ARGV[1], 'l', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'np', 1)
 redis.call('HINCRBY', KEYS[1], 'pb', size)
 if head == ARGV[4] then redis.call('LPOP', KEYS[3]) end
+if idem ~= '' then
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[12]), idem)
+  if redis.call('ZCARD', KEYS[4]) > tonumber(ARGV[13]) then
+    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, 0)
+  end
+  redis.call('PEXPIRE', KEYS[4], ARGV[8])
+end
 -- wake the reader only if it waits: after each take it arms ``wk``, and one notification per
 -- take is enough, whatever was written meanwhile
 if redis.call('HGET', KEYS[1], 'wk') == '1' and redis.call('HEXISTS', KEYS[1], 'reader') == 1 then
