@@ -262,3 +262,29 @@ def test_a_held_management_socket_fails_the_start_not_the_check(
     assert second.stderr.splitlines()[-1] == (
         f"megaphone: cannot start: mng_socket_path {path!r} is in use by a running server"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "detail"),
+    [
+        ("megaphone.toml", "address = \n", "Invalid value"),
+        ("megaphone.yaml", "address: [\n", "expected the node content"),
+        ("megaphone.json", '{"address": ', "Expecting value"),
+        ("megaphone.json", "[1, 2]", "the top level must be a table of settings"),
+        ("megaphone.yaml", "- 1\n", "the top level must be a table of settings"),
+        ("megaphone.yaml", "just a string\n", "the top level must be a table of settings"),
+    ],
+)
+def test_a_broken_config_file_is_one_line_naming_it(
+    tmp_path: Path, name: str, text: str, detail: str
+) -> None:
+    (tmp_path / name).write_text(text)
+    for args in (["--check"], ["--address", "127.0.0.1:0"]):
+        result = run_megaphone(args, tmp_path)
+        assert result.returncode == 2
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(
+            f"megaphone: invalid configuration: config file {str(tmp_path / name)!r}: "
+        )
+        assert detail in lines[0]

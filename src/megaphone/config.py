@@ -349,14 +349,25 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _CONFIG_FILE.get("path")
         if path is not None:
-            suffix = path.suffix.lower()
-            if suffix == ".toml":
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-            elif suffix in (".yaml", ".yml"):
-                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
-            else:
-                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+            sources.append(_file_source(settings_cls, path))
         return (_WholeValues(settings_cls, sources),)
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    """The config file's source (read now); a file that does not parse, or whose top level is
+    not a table of settings, is a ValueError of one line naming the file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            return TomlConfigSettingsSource(settings_cls, toml_file=path)
+        if suffix in (".yaml", ".yml"):
+            return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    except Exception as exc:  # tomllib, json, yaml and pydantic-settings' own errors
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, (TypeError, AttributeError)) or "update sequence" in detail:
+            detail = "the top level must be a table of settings (key = value)"
+        raise ValueError(f"config file {str(path)!r}: {detail}") from None
 
 
 class _WholeValues(PydanticBaseSettingsSource):
