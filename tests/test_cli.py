@@ -288,3 +288,13 @@ def test_a_broken_config_file_is_one_line_naming_it(
             f"megaphone: invalid configuration: config file {str(tmp_path / name)!r}: "
         )
         assert detail in lines[0]
+
+
+def test_a_misspelt_environment_variable_is_a_warning(tmp_path: Path) -> None:
+    result = run_megaphone(["--check"], tmp_path, megaphone_pol_duration_millis="5")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "megaphone: warning: megaphone_pol_duration_millis is no setting (ignored); "
+        "did you mean megaphone_poll_duration_millis?"
+    ]
+    assert json.loads(result.stdout)["poll_duration_millis"] == 20000

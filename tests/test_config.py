@@ -19,6 +19,7 @@ from megaphone.config import (
     address_problem,
     default_agent_name,
     default_text,
+    env_typos,
     hide_password,
     load_settings,
     markdown_table,
@@ -352,3 +353,19 @@ def test_markdown_table_command() -> None:
     assert result.stdout == markdown_table()
     assert "| `redis_url` | `redis://127.0.0.1:6379/0` |" in result.stdout
     assert "| `producer_token` | unset |" in result.stdout
+
+
+def test_env_typos_are_reported_other_tools_variables_are_not() -> None:
+    environ = {
+        "megaphone_pol_duration_millis": "5",
+        "MEGAPHONE_REDIS_UR": "redis://h/0",
+        "MEGAPHONE_URL": "http://localhost:3000",  # megaphone-client's
+        "MEGAPHONE_TOKEN": "t",
+        "megaphone_address": "127.0.0.1:0",
+        "HOME": "/root",
+    }
+    assert env_typos(environ) == [
+        "MEGAPHONE_REDIS_UR is no setting (ignored); did you mean megaphone_redis_url?",
+        "megaphone_pol_duration_millis is no setting (ignored); "
+        "did you mean megaphone_poll_duration_millis?",
+    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from megaphone import __version__, logs
 from megaphone.config import (
     Settings,
     default_text,
+    env_typos,
     hide_password,
     load_settings,
     mng_socket_problem,
@@ -125,6 +127,8 @@ def main(config_file: Path | None, check: bool, **flags: Any) -> None:
         _fail(_error_lines(exc))
     except ValueError as exc:  # the config file's name
         _fail([str(exc)])
+    for warning in env_typos(os.environ):
+        click.echo(f"megaphone: warning: {warning}", err=True)
     problems = startup_problems(settings, check_only=check)
     if problems:
         _fail(problems)

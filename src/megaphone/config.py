@@ -15,6 +15,7 @@ that need the machine (the listen address, the management socket's directory); t
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import os
@@ -22,6 +23,7 @@ import re
 import socket
 import stat
 import sys
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -538,6 +540,23 @@ def address_problem(address: str, *, in_use_ok: bool) -> str | None:
                 continue
             return f"address {address!r}: cannot listen: {exc.strerror or exc}"
     return None
+
+
+def env_typos(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for ``megaphone_*`` variables that are no setting but look like one (the
+    environment source ignores them; other tools' variables such as ``MEGAPHONE_URL`` look like
+    none and are not reported)."""
+    warnings = []
+    for variable in sorted(environ):
+        key = variable.lower().removeprefix("megaphone_")
+        if not variable.lower().startswith("megaphone_") or key in Settings.model_fields:
+            continue
+        close = difflib.get_close_matches(key, list(Settings.model_fields), n=1, cutoff=0.8)
+        if close:
+            warnings.append(
+                f"{variable} is no setting (ignored); did you mean megaphone_{close[0]}?"
+            )
+    return warnings
 
 
 def startup_problems(settings: Settings, *, check_only: bool = False) -> list[str]:
