@@ -53,8 +53,12 @@ QUIET_PCT = 15.0  # background load under which the machine counts as quiet enou
 QUIET_WAIT_TOTAL = 60.0  # seconds of such waiting allowed over a whole run
 # megaphone: the memory store; megaphone-redis: one node on the Redis store;
 # megaphone-redis-2n: two nodes on one Redis (writers on node A, readers on node B)
-TARGETS = ("megaphone", "megaphone-redis", "megaphone-redis-2n", "nchan", "pushpin")
-REDIS_TARGETS = ("megaphone-redis", "megaphone-redis-2n")
+TARGETS = ("megaphone", "megaphone-redis", "megaphone-redis-2n", "nchan", "nchan-redis", "pushpin")
+REDIS_TARGETS = ("megaphone-redis", "megaphone-redis-2n")  # megaphone on its Redis store
+# every target with a redis-server beside it (its CPU is reported apart): nchan-redis is nginx +
+# nchan with nchan_redis_pass, its channels and messages in Redis (issue #13's baseline)
+REDIS_BACKED = (*REDIS_TARGETS, "nchan-redis")
+NCHAN_TARGETS = ("nchan", "nchan-redis")
 WORKLOADS = (
     "throughput",
     "latency",
@@ -73,12 +77,14 @@ TRANSPORT_WORKLOADS = ("sse", "websocket")
 # what each target can run (why not: bench/README.md); megaphone's targets run everything
 CAN_RUN = {
     "nchan": ("throughput", "latency", "idle", "batch", "churn", "sse", "websocket"),
+    "nchan-redis": ("throughput", "latency", "idle", "batch"),
     "pushpin": ("throughput", "latency", "idle", "batch"),
 }
 # what a target runs when --workloads is not given (a full pass stays ~10 min)
 DEFAULT_WORKLOADS = {
     "megaphone-redis": ("throughput", "latency", "idle", "batch", "create", "scale", "sweep"),
     "megaphone-redis-2n": ("throughput", "latency", "idle", "batch", "create"),
+    "nchan-redis": ("throughput", "latency", "idle", "batch"),
 }
 REDIS_SERVER = "/usr/bin/redis-server"
 REDIS_MAPPING = {
@@ -86,7 +92,9 @@ REDIS_MAPPING = {
     "megaphone-redis-2n": "two megaphone nodes on one redis-server, same prefix: channels created "
     "and written on node A, read on node B (every event crosses nodes through Redis); the create "
     "workload spreads its connections over both nodes",
-    "placement": "megaphone node(s) and redis-server on CPU 0, the load generator alone on CPU 1",
+    "nchan-redis": "nginx + nchan storing channels and messages in a redis-server "
+    "(nchan_redis_pass): publishes and subscribers on the one nginx",
+    "placement": "the server(s) and redis-server on CPU 0, the load generator alone on CPU 1",
 }
 REDIS_PREFIX = "bench:"
 # redis-server's log lines (at --loglevel warning) that every start and stop prints
@@ -539,22 +547,39 @@ http {{
 """
 
 
-def start_nchan(workdir: Path, extra: Sequence[str], started: list[Server]) -> Deployment:
+def nchan_on_redis(conf: str, redis_port: int) -> str:
+    """The nchan configuration with every publisher and subscriber location on Redis."""
+    upstream = (
+        "    upstream megaphone_bench_redis {\n"
+        f"        nchan_redis_server redis://127.0.0.1:{redis_port};\n"
+        "    }\n"
+    )
+    conf = conf.replace("http {\n", "http {\n" + upstream, 1)
+    return re.sub(
+        r"^(\s*)(nchan_(?:publisher|subscriber)\b[^;]*;)$",
+        r"\1\2\n\1nchan_redis_pass megaphone_bench_redis;",
+        conf,
+        flags=re.MULTILINE,
+    )
+
+
+def start_nchan(
+    workdir: Path, extra: Sequence[str], started: list[Server], redis: Server | None = None
+) -> Deployment:
     module = nchan_module()
     if module is None:
         raise RuntimeError("ngx_nchan_module.so not found")
     port = free_port()
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     conf = workdir / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            module=module,
-            dir=workdir,
-            port=port,
-            nofile=nofile,
-            connections=max(1024, nofile - 100),
-        )
+    text = NGINX_CONF.format(
+        module=module,
+        dir=workdir,
+        port=port,
+        nofile=nofile,
+        connections=max(1024, nofile - 100),
     )
+    conf.write_text(text if redis is None else nchan_on_redis(text, redis.port))
     log = workdir / "error.log"
     cmd = [*pinned(SERVER_CPU), "nginx", "-e", str(log), "-p", str(workdir), "-c", str(conf)]
     with open(workdir / "nginx.out", "wb") as out:
@@ -571,7 +596,17 @@ def start_nchan(workdir: Path, extra: Sequence[str], started: list[Server]) -> D
         raise RuntimeError("nginx worker process not found")
     server.pids = [proc.pid, *workers]
     server.nofile = nofile_limit(workers[0])
+    if redis is not None:
+        return Deployment("nchan-redis", [server], redis)
     return Deployment("nchan", [server])
+
+
+def start_nchan_redis(workdir: Path, extra: Sequence[str], started: list[Server]) -> Deployment:
+    """nginx + nchan with its channels in a private redis-server (pinned like megaphone's)."""
+    redis = start_redis(workdir)
+    started.append(redis)
+    wait_ready(redis)
+    return start_nchan(workdir, extra, started, redis)
 
 
 PUSHPIN_CONF = """\
@@ -794,9 +829,9 @@ class Plan:
         """Why a phase of that size is not run on ``target`` (None: it is)."""
         if readers and readers + 500 > self.nofile:
             return f"not run: needs ~{readers + 500:,} fds per side, RLIMIT_NOFILE {self.nofile:,}"
-        if target in REDIS_TARGETS and readers > self.redis_readers:
+        if target in REDIS_BACKED and readers > self.redis_readers:
             return f"not run on Redis targets: --redis-readers {self.redis_readers:,}"
-        if target in REDIS_TARGETS and channels > self.redis_max_channels:
+        if target in REDIS_BACKED and channels > self.redis_max_channels:
             return f"not run on Redis targets: more than {self.redis_max_channels:,} channels"
         return None
 
@@ -969,6 +1004,7 @@ def target_starters() -> dict[str, Starter]:
         "megaphone-redis": redis_starter(1),
         "megaphone-redis-2n": redis_starter(2),
         "nchan": start_nchan,
+        "nchan-redis": start_nchan_redis,
         "pushpin": start_pushpin,
     }
 
@@ -1957,6 +1993,7 @@ RATIO_COLUMNS = (
     ("megaphone ÷ pushpin", "megaphone", "pushpin"),
     ("redis ÷ memory", "megaphone-redis", "megaphone"),
     ("redis-2n ÷ memory", "megaphone-redis-2n", "megaphone"),
+    ("megaphone-redis ÷ nchan-redis", "megaphone-redis", "nchan-redis"),
 )
 
 
@@ -2291,12 +2328,13 @@ def main(argv: list[str] | None = None) -> int:
     for target in args.targets:
         if not plan.jobs(target):
             skipped[target] = f"none of the workloads {', '.join(plan.workloads)} applies to it"
-    if "nchan" in args.targets and "nchan" not in skipped:
-        reason = ensure_nchan(install=not args.no_install)
-        if reason:
-            skipped["nchan"] = reason
-            print(f"skipping nchan: {reason}", file=sys.stderr)
-    wants_redis = [t for t in args.targets if t in REDIS_TARGETS and t not in skipped]
+    for nchan_target in NCHAN_TARGETS:
+        if nchan_target in args.targets and nchan_target not in skipped:
+            reason = ensure_nchan(install=not args.no_install)
+            if reason:
+                skipped[nchan_target] = reason
+                print(f"skipping {nchan_target}: {reason}", file=sys.stderr)
+    wants_redis = [t for t in args.targets if t in REDIS_BACKED and t not in skipped]
     if wants_redis:
         reason = ensure_redis(install=not args.no_install)
         if reason:
@@ -2333,19 +2371,21 @@ def main(argv: list[str] | None = None) -> int:
         "background_cpu_pct_before_run": round(background, 1),
         "python": platform.python_version(),
         "megaphone": command_output([megaphone_executable(), "--version"]),
-        "nginx": command_output(["nginx", "-v"]) if "nchan" in ran else None,
+        "nginx": command_output(["nginx", "-v"]) if set(NCHAN_TARGETS) & set(ran) else None,
         "nchan": (
             command_output(["dpkg-query", "-W", "-f=${Version}", "libnginx-mod-nchan"])
-            if "nchan" in ran
+            if set(NCHAN_TARGETS) & set(ran)
             else None
         ),
         "pushpin": command_output(["pushpin", "--version"]) if "pushpin" in ran else None,
         "redis_server": (
             command_output([REDIS_SERVER, "--version"])
-            if any(t in REDIS_TARGETS for t in ran)
+            if any(t in REDIS_BACKED for t in ran)
             else None
         ),
-        "redis_py": command_output([sys.executable, "-c", "import redis; print(redis.__version__)"])
+        "hiredis": command_output(
+            [sys.executable, "-c", "import hiredis; print(hiredis.__version__)"]
+        )
         if any(t in REDIS_TARGETS for t in ran)
         else None,
         "rlimit_nofile": list(nofile),
@@ -2368,7 +2408,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(report, indent=2) + "\n")
 
     redis_note = ""
-    if any(t in REDIS_TARGETS for t in ran):
+    if any(t in REDIS_BACKED for t in ran):
         redis_note = (
             f"Redis targets: at most {plan.redis_readers:,} idle readers and "
             f"{plan.redis_max_channels:,} channels, {env['redis_server'].split(' sha=')[0]} · "

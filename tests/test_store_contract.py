@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from megaphone.core.addressing import ChannelKey, new_consumer_address
-from megaphone.core.events import make_event
+from megaphone.core.events import EVENT_OVERHEAD, make_event
 from megaphone.errors import Busy, NotFound, WriteTimeout
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelStore, ResumeStatus, Subscription
@@ -188,6 +188,21 @@ async def test_a_queued_write_times_out_and_is_not_written(make_store: StoreFact
     assert (await read(store, key, 1)).bodies == [1]
 
 
+async def test_a_cancelled_writer_leaves_the_queue(make_store: StoreFactory) -> None:
+    store = await make_store(capacity=1)
+    _, key = await new_channel(store)
+    await write(store, key, 0)
+    waiting = asyncio.ensure_future(write(store, key, "cancelled", wait=HANG_GUARD))
+    await asyncio.sleep(0.02)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    after = asyncio.ensure_future(write(store, key, "after", wait=HANG_GUARD))
+    await asyncio.sleep(0.02)
+    assert (await read(store, key, 2)).bodies == [0, "after"]  # not blocked behind it
+    await after
+
+
 # --- the lease --------------------------------------------------------------------------------
 
 
@@ -198,7 +213,12 @@ async def test_one_reader_at_a_time(make_store: StoreFactory) -> None:
     with pytest.raises(Busy):
         await store.attach(key, Sink(), None)
     await close(first)
-    await close(await store.attach(key, Sink(), None))
+    await close(first)  # closing twice is harmless...
+    second = await store.attach(key, Sink(), None)
+    await close(first)  # ...and does not release a later reader's lease
+    with pytest.raises(Busy):
+        await store.attach(key, Sink(), None)
+    await close(second)
 
 
 async def test_unknown_channels_are_not_found(make_store: StoreFactory) -> None:
@@ -239,6 +259,19 @@ async def test_a_sink_that_cannot_take_keeps_events_pending(make_store: StoreFac
     subscription.resume()
     await until(lambda: len(sink.lines) == 2, "the pending events")
     assert sink.bodies == [0, 1]
+    await close(subscription)
+
+
+async def test_nothing_is_delivered_before_start(make_store: StoreFactory) -> None:
+    store = await make_store()
+    _, key = await new_channel(store)
+    sink = Sink()
+    subscription = await store.attach(key, sink, None)
+    await write(store, key, 1)
+    await asyncio.sleep(0.05)
+    assert sink.lines == []
+    subscription.start()
+    await until(lambda: len(sink.lines) == 1, "the event after start")
     await close(subscription)
 
 
@@ -287,6 +320,25 @@ async def test_cursors_confirm_and_replay(make_store: StoreFactory) -> None:
     await close(resumed)
 
 
+async def test_a_resumed_read_replays_then_sends_pending(make_store: StoreFactory) -> None:
+    store = await make_store()
+    _, key = await new_channel(store)
+    first = Sink()
+    subscription = await store.attach(key, first, None)
+    subscription.start()
+    for n in range(3):
+        await write(store, key, n)
+    await until(lambda: len(first.lines) == 3, "three events")
+    await close(subscription)  # the connection died; the client saw only the first event
+    await write(store, key, 3)
+    resumed = await read(store, key, 3, after=first.eids[0])
+    assert resumed.eids[:2] == first.eids[1:]  # replayed, in order, then the pending one
+    assert resumed.bodies == [1, 2, 3]
+    # the cursor confirmed event 0 for good: naming it again replays 1..3 only
+    again = await read(store, key, 3, after=first.eids[0])
+    assert again.eids == resumed.eids
+
+
 async def test_a_full_replay_window_ends_the_read(make_store: StoreFactory) -> None:
     """A read delivers while the unconfirmed events fit the window, then asks its sink to end;
     the next read's cursor confirms them and delivery goes on. Nothing is skipped."""
@@ -323,6 +375,37 @@ async def test_the_window_does_not_count_against_the_buffer(make_store: StoreFac
     await read(store, key, 2)  # sent, unconfirmed: in the window
     await write(store, key, 2)
     await write(store, key, 3)  # the buffer holds only these two
+
+
+async def test_the_window_is_bounded_by_bytes_too(make_store: StoreFactory) -> None:
+    size = len(make_event("s", "x" * 100).line) + EVENT_OVERHEAD
+    store = await make_store(capacity=10, replay_size=100, replay_bytes=3 * size)
+    _, key = await new_channel(store)
+    for _ in range(5):
+        await write(store, key, "x" * 100)
+    sink = Sink()
+    subscription = await store.attach(key, sink, None)
+    subscription.start()
+    await until(lambda: sink.window_ended, "the window to end the read")
+    assert len(sink.lines) == 3
+    await close(subscription)
+
+
+async def test_resume_off_keeps_nothing(make_store: StoreFactory) -> None:
+    """With a window of 0 nothing is kept for replay and reads never end early."""
+    store = await make_store(capacity=10, replay_size=0)
+    _, key = await new_channel(store)
+    sink = Sink()
+    subscription = await store.attach(key, sink, None)
+    subscription.start()
+    for n in range(20):
+        await write(store, key, n, wait=HANG_GUARD)
+    await until(lambda: len(sink.lines) == 20, "every event")
+    assert not sink.window_ended
+    await close(subscription)
+    again = await store.attach(key, Sink(), sink.eids[5])
+    assert again.status is ResumeStatus.UNKNOWN
+    await close(again)
 
 
 # --- expiry and deletion ----------------------------------------------------------------------
@@ -364,6 +447,25 @@ async def test_delete_drops_pending_events(make_store: StoreFactory) -> None:
     assert not await store.exists(key)
     with pytest.raises(NotFound):
         await write(store, key, 1)
+
+
+async def test_delete_fails_queued_writers_and_ends_the_read(make_store: StoreFactory) -> None:
+    store = await make_store(capacity=1)
+    _, key = await new_channel(store)
+    await write(store, key, 0)
+    waiting = asyncio.ensure_future(write(store, key, 1, wait=HANG_GUARD))
+    await asyncio.sleep(0.02)
+    assert await store.delete(key)
+    with pytest.raises(NotFound):
+        await waiting
+    _, other = await new_channel(store)
+    sink = Sink()
+    subscription = await store.attach(other, sink, None)
+    subscription.start()
+    await asyncio.sleep(0.02)
+    assert await store.delete(other)
+    await until(lambda: sink.ended, "the read to end")
+    await close(subscription)
 
 
 async def test_counts(make_store: StoreFactory) -> None:
