@@ -3,11 +3,11 @@
 The pools in ``_pool_async`` (asyncio protocol) and ``_pool_sync`` (blocking socket) speak
 HTTP/1.1 through h11 (a dependency of httpcore, so it comes with httpx): h11 writes the requests
 and parses the answers, chunked bodies included; nothing here parses HTTP by hand. They exist
-because a write through httpx cost 0.75–1.1 ms of the client's CPU here (its URL and header
+because a write through httpx cost 0.75 to 1.1 ms of the client's CPU here (its URL and header
 models, httpcore's pool, anyio), through these pools ~0.12 ms; an event read 24 µs against 16 µs
-(``bench/runs/2026-12-02-client.md``, ``bench/client.py --cpu``). httpx is kept
-where it adds something: a ``transport=`` given by the caller (tests, mocks) and a proxy named by
-the environment (``HTTP_PROXY`` and friends, which httpx honours) go through ``_httpx``; TLS uses
+(``bench/runs/2026-12-02-client.md``, ``bench/client.py --cpu``). httpx is kept where it adds
+something: a ``transport=`` given by the caller (tests, mocks) and a proxy named by the
+environment (``HTTP_PROXY`` and friends, which httpx honours) go through ``_httpx``; TLS uses
 httpx's own ``create_ssl_context()``, so ``https`` verifies exactly as httpx would.
 """
 
