@@ -39,6 +39,10 @@ class MegaphoneProcess:
     """``megaphone`` as a real subprocess; its URL comes from its "listening" log line."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+        if "--mng-socket-path" not in args and not any(
+            k.lower() == "megaphone_mng_socket_path" for k in env
+        ):
+            args = [*args, "--mng-socket-path", ""]  # never the machine's /run/megaphone.sock
         self.process = subprocess.Popen(
             [MEGAPHONE, *args], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
         )

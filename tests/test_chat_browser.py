@@ -42,6 +42,7 @@ class Broker:
             "--redis-prefix", prefix,
             "--sse-retry-millis", "300",
             "--shutdown-grace-millis", "2000",
+            "--mng-socket-path", "",
         ]  # fmt: skip
         self.process: asyncio.subprocess.Process | None = None
 

@@ -136,7 +136,13 @@ class ServerProcess:
     """One node in a subprocess (one per test function); examples talk to it over sockets."""
 
     def __init__(self, **overrides: Any) -> None:
-        config = {"address": "127.0.0.1:0", "agent": "test-agent", **SERVER_SETTINGS, **overrides}
+        config = {
+            "address": "127.0.0.1:0",
+            "agent": "test-agent",
+            "mng_socket_path": "",  # never the machine's /run/megaphone.sock
+            **SERVER_SETTINGS,
+            **overrides,
+        }
         self.process = subprocess.Popen(
             [sys.executable, "-c", LAUNCHER, json.dumps(config)],
             stdin=subprocess.PIPE,
