@@ -360,6 +360,26 @@ async def test_nodes_with_different_agent_names_serve_each_others_channels(
     assert set(b.registry.learned) == {"nodea"}
 
 
+async def test_a_write_retried_on_another_node_is_applied_once(start_node: NodeFactory) -> None:
+    """The idempotency key lives with the channel in Redis: a retry through another node (the
+    load balancer's choice) is recognised as well."""
+    a = await start_node(agent="nodea", poll_duration_millis=1000)
+    b = await start_node(agent="nodeb", poll_duration_millis=1000)
+    async with (
+        httpx.AsyncClient(base_url=base_url(a), timeout=30) as http_a,
+        httpx.AsyncClient(base_url=base_url(b), timeout=30) as http_b,
+    ):
+        channel = await create_channel(http_a)
+        producer, consumer = channel["producerAddress"], channel["consumerAddress"]
+        for http in (http_a, http_b):
+            reply = await http.post(
+                f"/write/{producer}/s", json="once", headers={"Idempotency-Key": "retry-1"}
+            )
+            assert reply.status_code == 201, reply.text
+        await write(http_b, producer, "next")
+        assert bodies(await read_events(http_a, consumer, 2)) == ["once", "next"]
+
+
 async def test_agent_keys_survive_redis_losing_its_data(
     start_node: NodeFactory, redis_client: aioredis.Redis, prefix: str
 ) -> None:
