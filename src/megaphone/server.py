@@ -219,6 +219,7 @@ class MegaphoneServer:
             self._announce(agent)
         if shared is not None:  # any node serves any agent whose key the store shares
             self.registry.lookup = self.store.agent_key
+            self.store.on_agent_key(self.registry.replace_key)
         await self.store.start()
         host, port = self.settings.host_port
         loop = asyncio.get_running_loop()

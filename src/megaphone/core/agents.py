@@ -72,6 +72,14 @@ class AgentRegistry:
             raise Unavailable("no master agent is ready to host channels (warming up?)")
         return random.choice(ready)
 
+    def replace_key(self, name: str, key: bytes) -> None:
+        """The shared store settled on another key for ``name`` (its older one): use it."""
+        cipher = AgentCipher(name, key)
+        agent = self.agents.get(name)
+        if agent is not None:
+            agent.cipher = cipher
+        self.addresses.add(cipher)
+
     # --- agents of other nodes (shared keys) ---------------------------------------------------
 
     def may_learn(self, address: str) -> bool:

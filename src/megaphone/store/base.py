@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import builtins
+from collections.abc import Callable
 from enum import StrEnum
 from typing import NamedTuple, Protocol
 
@@ -143,6 +144,10 @@ class ChannelStore(abc.ABC):
         """The shared key of an agent (of any node), or None when the store knows no such agent
         (or shares no keys). A store that shares keys keeps the ones it answered, as above."""
         return None
+
+    def on_agent_key(self, changed: Callable[[str, bytes], None]) -> None:  # noqa: B027
+        """Call ``changed(name, key)`` when the store replaces a shared key it handed out (two
+        keys were minted for one agent name; the older one wins everywhere)."""
 
     def stop_waiting(self, error: Exception) -> None:  # noqa: B027 - optional hook
         """Shutdown: answer every write waiting for room with ``error`` now, and make later

@@ -17,7 +17,6 @@ every key it uses if Redis lost them (``FLUSHALL``, a restart without persistenc
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -26,11 +25,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from megaphone.core.addressing import ChannelKey, new_agent_key
+from megaphone.core.addressing import ChannelKey
 from megaphone.core.events import EVENT_OVERHEAD, Event
 from megaphone.errors import Busy, ChannelLimit, NotFound, StoreUnavailable, WriteTimeout
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
+from megaphone.store.redis.agents import AgentKeys
 from megaphone.store.redis.connection import RespClient, ResponseError, pack
 from megaphone.store.redis.keys import ChannelKeys, Keys
 from megaphone.store.redis.notifications import Notifications
@@ -93,7 +93,7 @@ class RedisStore(ChannelStore):
         self.notifications = Notifications(address, min(poll, lease / 2))
         self._releasing: dict[str, asyncio.Future[None]] = {}
         self._retrying: set[asyncio.Future[None]] = set()  # releases retried until their lapse
-        self._kept: dict[str, bytes] = {}  # agent keys this node uses: restored if Redis loses them
+        self.agents = AgentKeys(self.keys.agents, self._call)
         self._keeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -142,48 +142,20 @@ class RedisStore(ChannelStore):
     # --- agent keys -------------------------------------------------------------------------
 
     async def agent_keys(self, names: list[str]) -> dict[str, bytes]:
-        """Each agent's key, shared by every node: the first node to start creates it (HSETNX,
-        so two nodes starting together agree). The store keeps them (see _keep_agents)."""
-        keys: dict[str, bytes] = {}
-        for name in names:
-            candidate = base64.b64encode(new_agent_key())
-            _, stored = await self._pipeline(
-                [("HSETNX", self.keys.agents, name, candidate), ("HGET", self.keys.agents, name)]
-            )
-            keys[name] = base64.b64decode(stored)
-        self._kept.update(keys)
-        return keys
+        """Each agent's key, shared by every node: the first node to start creates it. The
+        store keeps them (see agents.py)."""
+        return await self.agents.mint(names)
 
     async def agent_key(self, name: str) -> bytes | None:
         """Any node's agent key, as stored; kept from then on like this node's own."""
-        stored = await self._call("HGET", self.keys.agents, name)
-        if stored is None:
-            return None
-        key = base64.b64decode(stored)
-        self._kept[name] = key
-        return key
+        return await self.agents.lookup(name)
+
+    def on_agent_key(self, changed: Callable[[str, bytes], None]) -> None:
+        """``changed(name, key)`` when a kept key is replaced by an older one (agents.py)."""
+        self.agents.on_change = changed
 
     async def restore_agent_keys(self) -> list[str]:
-        """Write back the kept keys that Redis lost (``FLUSHALL``, a restart without
-        persistence, eviction), each with HSETNX: whichever node restores a key first, every
-        node restores the same one. The names restored by this call."""
-        if not self._kept:
-            return []
-        names = list(self._kept)
-        stored = await self._call("HMGET", self.keys.agents, *names)
-        restored: list[str] = []
-        for name, value in zip(names, stored, strict=True):
-            if value is None:
-                encoded = base64.b64encode(self._kept[name])
-                if await self._call("HSETNX", self.keys.agents, name, encoded):
-                    restored.append(name)
-            elif base64.b64decode(value) != self._kept[name]:
-                # another key was minted meanwhile (a node started in the moment between the loss
-                # and the restore): ours stays in use here; addresses of the other do not open
-                log.error("agent key conflict: Redis holds another key", extra={"agent": name})
-        if restored:
-            log.warning("agent keys restored", extra={"agents": ",".join(restored)})
-        return restored
+        return await self.agents.restore()
 
     async def _keep_agents(self) -> None:
         while True:
