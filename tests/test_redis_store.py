@@ -197,6 +197,37 @@ async def test_a_lost_notification_connection_wakes_every_reader(
         await store.aclose()
 
 
+async def test_a_write_before_the_subscription_is_confirmed_wakes_the_reader(
+    redis_server: RedisServer, admin: aioredis.Redis
+) -> None:
+    """A write that lands after the reader's first take armed the notification but before
+    Redis confirmed the reader's SUBSCRIBE is published to nobody: the confirmation makes the
+    reader look again, long before the (here: 60 s) safety tick."""
+    store = make_store(redis_server, poll=60.0, lease=120.0)
+    await store.start()
+    subscriber = store.notifications._subscriber
+    held: list[str] = []
+    real_subscribe = subscriber.subscribe
+    subscriber.subscribe = held.append  # type: ignore[method-assign]
+    try:
+        address, key = new_consumer_address("a")
+        await store.create(key, address, 100)
+        sink = Sink()
+        subscription = await store.attach(key, sink, None)
+        subscription.start()
+        meta = meta_of(store, key)
+        while await admin.hget(meta, "wk") != b"1":  # the first (empty) take armed it
+            await asyncio.sleep(0.01)
+        await store.write(key, make_event("s", "early"), 0.0)  # its PUBLISH reaches nobody
+        assert held and sink.lines == []
+        real_subscribe(held[0])  # now the SUBSCRIBE goes out, and its confirmation comes back
+        await wait_lines(sink, 1)
+        await _closed(subscription)
+    finally:
+        subscriber.subscribe = real_subscribe  # type: ignore[method-assign]
+        await store.aclose()
+
+
 async def test_a_reader_that_cannot_take_keeps_its_lease(
     redis_server: RedisServer, admin: aioredis.Redis
 ) -> None:

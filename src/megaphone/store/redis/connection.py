@@ -279,17 +279,22 @@ class RespSubscriber:
     connection, in order (so no lock and no lazily opened extra connections), each message
     handed to ``on_message(channel, data)``. It reconnects by itself; after each (re)connect it
     subscribes again to every channel wanted and calls ``on_connect``, since whatever was
-    published while it was down is lost."""
+    published while it was down is lost. ``on_subscribed(channel)`` is called when Redis
+    confirms a subscription: only from then on does a ``PUBLISH`` reach this node, so a reader
+    must look once more then (a write between its first look and the confirmation published to
+    nobody)."""
 
     def __init__(
         self,
         address: RedisAddress,
         on_message: Callable[[bytes, bytes], None],
         on_connect: Callable[[], None],
+        on_subscribed: Callable[[bytes], None] | None = None,
     ) -> None:
         self.address = address
         self.on_message = on_message
         self.on_connect = on_connect
+        self.on_subscribed = on_subscribed
         self.channels: set[str] = set()
         self.protocol: PushProtocol | None = None
         self._task: asyncio.Task[None] | None = None
@@ -309,8 +314,12 @@ class RespSubscriber:
             self.protocol.command("UNSUBSCRIBE", channel)
 
     def _push(self, reply: list[Any]) -> None:
-        if len(reply) == 3 and reply[0] == b"message":
-            self.on_message(reply[1], reply[2])
+        if len(reply) == 3:
+            kind = reply[0]
+            if kind == b"message":
+                self.on_message(reply[1], reply[2])
+            elif kind == b"subscribe" and self.on_subscribed is not None:
+                self.on_subscribed(reply[1])
 
     async def _run(self) -> None:
         delay = 0.05

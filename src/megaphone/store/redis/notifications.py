@@ -3,8 +3,10 @@
 A write publishes on the channel's ``:n`` pub/sub channel while its reader waits (the take script
 arms a flag, the write script disarms it): :class:`Notifications` routes each message to the
 reader watching that channel here. Nothing published while the connection was down is replayed,
-so every (re)connect wakes every reader; and every ``tick`` seconds every reader looks again (a
-safety net, which also renews the readers' leases).
+so every (re)connect wakes every reader; a reader also looks again when Redis confirms its
+subscription (a write between the reader's first look and that confirmation was published to
+nobody); and every ``tick`` seconds every reader looks again (a safety net, which also renews the
+readers' leases).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ class Notifications:
     def __init__(self, address: RedisAddress, tick: float) -> None:
         self.tick = tick
         self.watchers: dict[str, Watcher] = {}
-        self._subscriber = RespSubscriber(address, self._on_message, self.wake_all)
+        self._subscriber = RespSubscriber(
+            address, self._on_message, self.wake_all, self._on_subscribed
+        )
         self._ticker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -57,6 +61,11 @@ class Notifications:
         watcher = self.watchers.get(channel.decode())
         if watcher is not None:
             watcher.notified(data.decode())
+
+    def _on_subscribed(self, channel: bytes) -> None:
+        watcher = self.watchers.get(channel.decode())
+        if watcher is not None:
+            watcher.resume()
 
     async def _tick(self) -> None:
         while True:
