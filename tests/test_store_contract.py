@@ -422,6 +422,28 @@ async def test_channels_expire_after_their_lifetime(make_store: StoreFactory, cl
     assert await store.expire() == []  # reported once
 
 
+async def test_the_list_pages_in_creation_order_whatever_expiry_does(
+    make_store: StoreFactory, clock: Clock
+) -> None:
+    """/channel/list pages through channels in a stable order: the order they were created in,
+    not the order of their expiry checks (which a read or a sweep moves)."""
+    store = await make_store(ttl=60.0)
+    made = []
+    for _ in range(4):
+        made.append(await new_channel(store))
+        clock.advance(1)
+    (first, first_key), (second, _), (third, _), (fourth, _) = made
+    reading = await store.attach(first_key, Sink(), None)
+    clock.advance(57.5)  # the first two are due: the first has a reader, the second expires
+    assert await store.expire() == [second]
+    listed = [info.address for info in await store.list(0, 10)]
+    assert listed == [first, third, fourth]
+    pages = [info.address for skip in range(3) for info in await store.list(skip, 1)]
+    assert pages == listed
+    assert await store.list(3, 10) == []
+    await close(reading)
+
+
 async def test_a_read_restarts_the_lifetime_and_a_reader_holds_it(
     make_store: StoreFactory, clock: Clock
 ) -> None:

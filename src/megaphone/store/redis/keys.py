@@ -14,6 +14,8 @@ that Redis Cluster keeps one channel's keys on one shard:
 * ``P{id}:n`` pub/sub channel: "new events" (``""``) or "deleted" (``"d"``) for the reading node;
 * ``Pexpiry`` sorted set: channel ids by the time to check them for expiry; ``Pcount`` and
   ``Pcount:<agent>``: channels;
+* ``Pchannels`` sorted set: channel ids by creation time (ms), the stable order of
+  ``/channel/list`` (a page is a ``ZRANGE`` by rank);
 * ``Pagents`` hash: the agents' AES keys (base64), shared by every node.
 """
 
@@ -45,11 +47,12 @@ class ChannelKeys:
 class Keys:
     """The key names under one prefix."""
 
-    __slots__ = ("agents", "count", "expiry", "prefix")
+    __slots__ = ("agents", "channels", "count", "expiry", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.expiry = prefix + "expiry"
+        self.channels = prefix + "channels"
         self.count = prefix + "count"
         self.agents = prefix + "agents"
 

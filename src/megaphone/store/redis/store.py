@@ -180,6 +180,7 @@ class RedisStore(ChannelStore):
             await self._pipeline(
                 [
                     ("ZADD", self.keys.expiry, now + self.ttl_ms, ids.id),
+                    ("ZADD", self.keys.channels, now, ids.id),
                     ("INCR", self.keys.count_of(key.agent)),
                 ]
             )
@@ -399,7 +400,10 @@ class RedisStore(ChannelStore):
         """Drop a deleted channel from the index and the counts. Only the node whose ZREM removed
         the index entry decrements, so the counts stay exact whoever noticed the deletion (a
         sweep, a delete, or keys that lapsed by their safety TTL)."""
-        if await self._call("ZREM", self.keys.expiry, ids.id):
+        removed, _ = await self._pipeline(
+            [("ZREM", self.keys.expiry, ids.id), ("ZREM", self.keys.channels, ids.id)]
+        )
+        if removed:
             await self._pipeline(
                 [("DECR", self.keys.count), ("DECR", self.keys.count_of(ids.agent))]
             )
@@ -461,8 +465,10 @@ class RedisStore(ChannelStore):
             scored = [part for channel_id, at in later.items() for part in (at, channel_id)]
             commands.append(("ZADD", self.keys.expiry, *scored))
         commands.extend(("ZREM", self.keys.expiry, channel_id) for channel_id in gone)
+        if gone:
+            commands.append(("ZREM", self.keys.channels, *gone))
         results = await self._pipeline(commands)
-        removed = results[1:] if later else results
+        removed = results[1 if later else 0 : len(results) - (1 if gone else 0)]
         per_agent = Counter(
             channel_id.split(".", 1)[0] for channel_id, n in zip(gone, removed, strict=True) if n
         )
@@ -476,14 +482,17 @@ class RedisStore(ChannelStore):
             await self._pipeline(decrements)
 
     async def list(self, skip: int, limit: int) -> list[ChannelInfo]:
-        ids = await self._call("ZRANGE", self.keys.expiry, skip, skip + limit - 1)
-        out = []
-        for raw in ids:
-            channel = self.keys.channel_by_id(_text(raw))
-            address = await self._call("HGET", channel.meta, "addr")
-            if address is not None:
-                out.append(ChannelInfo(_text(address), channel.agent))
-        return out
+        """A page in creation order (``Pchannels``), the addresses fetched in one pipeline."""
+        ids = await self._call("ZRANGE", self.keys.channels, skip, skip + limit - 1)
+        channels = [self.keys.channel_by_id(_text(raw)) for raw in ids]
+        if not channels:
+            return []
+        addresses = await self._pipeline([("HGET", c.meta, "addr") for c in channels])
+        return [
+            ChannelInfo(_text(address), channel.agent)
+            for channel, address in zip(channels, addresses, strict=True)
+            if address is not None  # deleted meanwhile, its index entry not yet dropped
+        ]
 
     async def count(self, agent: str | None = None) -> int:
         """Channels in the whole cluster (of one agent, or of all)."""
