@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -549,14 +550,9 @@ class MemoryStore(ChannelStore):
         return expired
 
     async def list(self, skip: int, limit: int) -> list[ChannelInfo]:
-        out: list[ChannelInfo] = []
-        for index, channel in enumerate(self._channels.values()):
-            if index < skip:
-                continue
-            if len(out) >= limit:
-                break
-            out.append(ChannelInfo(channel.address, channel.key[0]))
-        return out
+        """A page in creation order: skips in C (``islice``), copies only the page."""
+        page = itertools.islice(self._channels.values(), skip, skip + limit)
+        return [ChannelInfo(channel.address, channel.key[0]) for channel in page]
 
     async def count(self, agent: str | None = None) -> int:
         if agent is None:
