@@ -476,16 +476,23 @@ class WsReader(asyncio.Protocol):
 
     Each text message (reassembled when it arrives in pieces) is passed on as one line, like an
     NDJSON line; pings are answered; a close frame (megaphone: ``4000`` when the read window
-    ends) is answered and marks the read ``ended`` (a new read needs a new connection: the
-    workloads here run well inside the window). The same attributes as :class:`StreamReader` as
-    far as the workloads use them; ``ready`` is the handshake's status (``101`` accepted).
+    ends) is answered and marks the read ``ended``. With ``read_again`` (megaphone), a ``4000``
+    close (the time window, or a full replay window) is followed at once by a new connection to
+    the same read with ``?after=`` the last event's id, as a resuming client does (the events
+    written meanwhile wait in the channel). The same attributes as :class:`StreamReader` as far
+    as the workloads use them; ``ready`` is the first handshake's status (``101`` accepted).
     """
 
     def __init__(self, index: int, path: bytes, on_lines: LinesCallback) -> None:
         self.index = index
         self.path = path
+        self.target = path  # of the current connection (``?after=`` once read again)
         self.on_lines = on_lines
         self.ws = WSConnection(ConnectionType.CLIENT)
+        self.read_again = False
+        self.address: tuple[str, int] | None = None  # where to connect again
+        self.again = False  # a 4000 close came: connect again once this connection is gone
+        self.last_line = b""
         self.reads = 1
         self.resume = b""
         self.closing = False
@@ -500,7 +507,7 @@ class WsReader(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.ws.send(WsRequest(host="bench", target=self.path.decode())))
+        self.transport.write(self.ws.send(WsRequest(host="bench", target=self.target.decode())))
 
     def data_received(self, data: bytes) -> None:
         t = now()
@@ -525,9 +532,12 @@ class WsReader(asyncio.Protocol):
             elif isinstance(event, Ping):
                 self._send(ws.send(event.response()))
             elif isinstance(event, CloseConnection):
-                self.ended = True
                 self.close_code = event.code
-                WS_CLOSES[f"{event.code} {event.reason}"] += 1
+                if self.read_again and event.code == 4000 and self.address is not None:
+                    self.again = True
+                else:
+                    self.ended = True
+                    WS_CLOSES[f"{event.code} {event.reason}"] += 1
                 self._send(ws.send(event.response()))
             elif isinstance(event, RejectConnection):
                 self.status = event.status_code
@@ -538,6 +548,7 @@ class WsReader(asyncio.Protocol):
                 if event.body_finished:
                     self._set_ready(self.status)
         if lines:
+            self.last_line = lines[-1]
             self.on_lines(cast(StreamReader, self), lines, t)
 
     def _set_ready(self, status: int) -> None:
@@ -550,11 +561,29 @@ class WsReader(asyncio.Protocol):
             self.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.again and not self.closing:
+            self.again = False
+            asyncio.get_running_loop().create_task(self._read_again())
+            return
         self.lost = True
         if not self.closing and not self.ended:
             WS_CLOSES[f"connection lost without a close frame: {exc!r}"] += 1
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"reader closed before its head: {exc!r}"))
+
+    async def _read_again(self) -> None:
+        at = self.last_line.find(b'"eid":"')
+        cursor = self.last_line[at + 7 : self.last_line.index(b'"', at + 7)] if at >= 0 else b""
+        self.target = self.path + b"?after=" + cursor if cursor else self.path
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.message.clear()
+        self.reads += 1
+        assert self.address is not None
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: self, *self.address)
+        except OSError as exc:
+            self.lost = True
+            WS_CLOSES[f"could not read again: {exc!r}"] += 1
 
 
 # how WebSocket reads ended before the client closed them ("code reason"): reported
@@ -625,8 +654,9 @@ async def open_readers(
         async with gate:
             for _ in range(OPEN_ATTEMPTS):
                 reader = make_reader(transport, index, path, on_lines)
-                if isinstance(reader, StreamReader):
-                    reader.read_again = read_again
+                reader.read_again = read_again
+                if isinstance(reader, WsReader):
+                    reader.address = (host, port)
                 await loop.create_connection(lambda: reader, host, port)  # noqa: B023
                 try:
                     status = await asyncio.wait_for(reader.ready, 30)
