@@ -12,6 +12,7 @@ pauses delivery, events wait in the channel, and its buffer and write timeout ap
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -33,6 +34,22 @@ CLOSE_CODES = {
     EndReason.SHUTDOWN: 1001,
 }
 GAP_MESSAGE = '{"resume":"unknown-cursor"}'
+_U16 = struct.Struct("!H")
+_U64 = struct.Struct("!Q")
+
+
+def text_frame(line: bytes) -> bytes:
+    """The frame ``wsproto`` sends for ``TextMessage(line[:-1].decode())`` on this connection
+    (server side: unmasked; no extension is negotiated; an event line is valid UTF-8 JSON),
+    byte for byte (a test compares them), at ~0.3 µs instead of ~6 µs an event: wsproto builds
+    each frame in Python, through a str round trip. Everything else (the handshake's token,
+    pings, close frames, whatever the client sends) is wsproto's."""
+    size = len(line) - 1
+    if size < 126:
+        return b"\x81%c%b" % (size, line[:-1])
+    if size < 65536:
+        return b"\x81~%b%b" % (_U16.pack(size), line[:-1])
+    return b"\x81\x7f%b%b" % (_U64.pack(size), line[:-1])
 
 
 class WebSocketSink(StreamSink):
@@ -66,8 +83,9 @@ class WebSocketSink(StreamSink):
         return b""
 
     def frame(self, lines: list[bytes]) -> bytes:
-        send = self.ws.send
-        return b"".join([send(TextMessage(data=line[:-1].decode())) for line in lines])
+        if len(lines) == 1:
+            return text_frame(lines[0])
+        return b"".join([text_frame(line) for line in lines])
 
     def heartbeat(self) -> bytes:
         return self.ws.send(Ping())
