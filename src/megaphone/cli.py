@@ -35,8 +35,9 @@ from megaphone.config import (
     mng_socket_problem,
     startup_problems,
 )
-from megaphone.errors import MegaphoneError, StoreUnavailable
+from megaphone.errors import MegaphoneError
 from megaphone.server import serve
+from megaphone.workers import StartFailed, Supervisor, start_error
 
 _FLAG_TYPES: dict[Any, click.ParamType[Any]] = {
     int: click.INT,
@@ -53,7 +54,7 @@ def _setting_help(name: str) -> str:
 
 def _flag_type(name: str) -> click.ParamType[Any] | None:
     annotation = Settings.model_fields[name].annotation
-    if name == "agent":
+    if name in ("agent", "workers"):  # a union: pydantic reads the string
         return click.STRING
     if get_origin(annotation) is Literal:
         return click.Choice([str(choice) for choice in get_args(annotation)])
@@ -142,6 +143,14 @@ def main(config_file: Path | None, check: bool, **flags: Any) -> None:
         click.echo(json.dumps(shown, indent=2))
         return
     logs.setup(settings.log_level)
+    if settings.worker_count > 1:
+        try:
+            Supervisor(settings).run()
+        except StartFailed as exc:
+            _fail([str(exc)], "cannot start")
+        except OSError as exc:  # the port cannot be reserved
+            _fail([start_error(exc, settings)], "cannot start")
+        return
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
@@ -151,7 +160,4 @@ def main(config_file: Path | None, check: bool, **flags: Any) -> None:
     try:
         run(serve(settings))
     except (MegaphoneError, OSError, ValueError) as exc:  # what a start-up refuses, one line
-        line = str(exc)
-        if isinstance(exc, StoreUnavailable):
-            line += f" (redis_url {hide_password(settings.redis_url)!r})"
-        _fail([line], "cannot start")
+        _fail([start_error(exc, settings)], "cannot start")

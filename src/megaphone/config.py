@@ -247,6 +247,12 @@ class Settings(BaseSettings):
         description="`memory` (zero setup, one node) or `redis` (any node serves any channel; "
         "restarts lose nothing)",
     )
+    workers: int | Literal["auto"] = Field(
+        default=1,
+        description="processes serving the one public port (`SO_REUSEPORT`), supervised; `auto` "
+        "= one per usable core. Redis store only (the memory store keeps channels in one "
+        "process: run one node per core behind routing instead, see Deployment)",
+    )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         description="the Redis server of the `redis` store: `redis://`, `unix://`, or `rediss://` "
@@ -316,6 +322,20 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: Any) -> Any:
+        """One line for any mistake (not one per member of the union)."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            count = 0
+        if isinstance(value, bool) or count < 1 or (count != value and str(count) != value):
+            raise ValueError(f"must be a whole number from 1, or auto; got {value!r}")
+        return count
+
     @field_validator("producer_token")
     @classmethod
     def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
@@ -338,6 +358,13 @@ class Settings(BaseSettings):
     @property
     def host_port(self) -> tuple[str, int]:
         return parse_host_port(self.address)
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` with ``auto`` resolved: the cores this process may run on."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return self.workers
 
     @classmethod
     def settings_customise_sources(
@@ -574,6 +601,11 @@ def startup_problems(settings: Settings, *, check_only: bool = False) -> list[st
         problem = mng_socket_problem(path)
         if problem:
             problems.append(problem)
+    if settings.store == "memory" and settings.worker_count > 1:
+        problems.append(
+            f"workers: {settings.worker_count} needs store = redis (the memory store keeps "
+            "channels in one process; run one node per core behind prefix routing instead)"
+        )
     return problems
 
 

@@ -35,9 +35,25 @@ class LogfmtFormatter(logging.Formatter):
         return line
 
 
-def setup(level: str = "info") -> None:
+class _Worker(logging.Filter):
+    """Stamps every record of a worker process with its index (``worker=i``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "worker"):
+            record.worker = self.index
+        return True
+
+
+def setup(level: str = "info", worker: int | None = None) -> None:
+    """Log to stderr; in a worker process (``workers`` > 1), each line carries ``worker=i``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     root = logging.getLogger("megaphone")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -38,6 +38,9 @@ GC_PAUSE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
 LATENCY_SAMPLE = 64  # one event in this many has its write→deliver latency observed
 
+# a process's figures: its counters (rendered by hand) and its registry's families
+Snapshot = tuple[dict[str, int], list[Metric]]
+
 _COUNTERS = {
     "channel_created": "Channels created",
     "channel_disposed": "Channels deleted (expired or disposed)",
@@ -137,6 +140,7 @@ class Metrics:
         "channel_created",
         "channel_disposed",
         "channel_duration",
+        "cluster",
         "delivery_latency",
         "latency_countdown",
         "messages_lost",
@@ -181,6 +185,8 @@ class Metrics:
         ProcessCollector(namespace="megaphone", registry=self._registry)
         # awaited before each scrape: figures that need a store round trip (Redis)
         self.refreshers: list[Callable[[], Awaitable[None]]] = []
+        # set in a worker process: renders every worker's figures (after refresh)
+        self.cluster: Callable[[], Awaitable[bytes]] | None = None
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A gauge read on scrape (``megaphone_<name>``): the budgets and what uses them."""
@@ -250,6 +256,24 @@ class Metrics:
             self._gc_watched = False
             GC_WATCH.release()
 
+    async def exposition(self) -> bytes:
+        """What ``/metrics`` answers: this process's figures or, when ``cluster`` is set (a
+        worker, ``workers`` > 1), every worker's (see :mod:`megaphone.workers`)."""
+        await self.refresh()
+        if self.cluster is not None:
+            return await self.cluster()
+        return self.render()
+
+    def snapshot(self) -> Snapshot:
+        """This process's figures as plain (picklable) values: the counters and the families."""
+        counters = {name: getattr(self, name) for name in _COUNTERS}
+        families = []
+        for family in self._registry.collect():
+            plain = Metric(family.name, family.documentation, family.type, family.unit)
+            plain.samples = list(family.samples)
+            families.append(plain)
+        return counters, families
+
     def render(self) -> bytes:
         lines = []
         for name, help_text in _COUNTERS.items():
@@ -257,3 +281,33 @@ class Metrics:
             lines.append(f"# HELP {full} {help_text}\n# TYPE {full} counter\n")
             lines.append(f"{full} {getattr(self, name)}\n")
         return "".join(lines).encode() + generate_latest(self._registry)
+
+
+def render_workers(snapshots: dict[int, Snapshot], unreachable: int) -> bytes:
+    """Every worker's figures in one exposition, each sample labelled ``worker="i"``, plus
+    ``megaphone_workers_unreachable``: the workers whose figures are missing from it."""
+    lines = []
+    for name, help_text in _COUNTERS.items():
+        full = f"megaphone_{name}"
+        lines.append(f"# HELP {full} {help_text}\n# TYPE {full} counter\n")
+        for index, (counters, _) in sorted(snapshots.items()):
+            lines.append(f'{full}{{worker="{index}"}} {counters.get(name, 0)}\n')
+    merged: dict[str, Metric] = {}
+    for index, (_, families) in sorted(snapshots.items()):
+        for family in families:
+            into = merged.get(family.name)
+            if into is None:
+                into = Metric(family.name, family.documentation, family.type, family.unit)
+                merged[family.name] = into
+            worker = str(index)
+            into.samples += [
+                s._replace(labels={**s.labels, "worker": worker}) for s in family.samples
+            ]
+    missing = GaugeMetricFamily(
+        "megaphone_workers_unreachable",
+        "Workers that did not answer this scrape in time (their series are missing from it)",
+        value=unreachable,
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collect(lambda: [*merged.values(), missing]))
+    return "".join(lines).encode() + generate_latest(registry)

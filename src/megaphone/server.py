@@ -76,8 +76,21 @@ def read_options(settings: Settings) -> ReadOptions:
 class MegaphoneServer:
     """One broker node. ``await start()``, then ``await aclose()``; closing twice is harmless."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        port: int | None = None,
+        reuse_port: bool = False,
+        listening: str = "megaphone listening",
+    ) -> None:
+        """``port`` replaces the port of ``settings.address``; ``reuse_port`` listens with
+        ``SO_REUSEPORT`` beside other processes (a worker, see :mod:`megaphone.workers`), which
+        log ``listening`` instead of "megaphone listening" (the supervisor says that once)."""
         self.settings = settings
+        self._port = port
+        self._reuse_port = reuse_port
+        self._listening = listening
         self.metrics = Metrics()
         self.registry = AgentRegistry()
         self.store = build_store(settings, self.metrics)
@@ -222,9 +235,16 @@ class MegaphoneServer:
             self.store.on_agent_key(self.registry.replace_key)
         await self.store.start()
         host, port = self.settings.host_port
+        if self._port is not None:
+            port = self._port
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpProtocol(self.http), host, port, backlog=4096, reuse_address=True
+            lambda: HttpProtocol(self.http),
+            host,
+            port,
+            backlog=4096,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
         )
         sock: socket.socket = self._server.sockets[0]
         self.port = sock.getsockname()[1]
@@ -233,7 +253,7 @@ class MegaphoneServer:
         self.metrics.watch_gc()
         self.gc_policy.start()
         log.info(
-            "megaphone listening",
+            self._listening,
             extra={"address": f"{host}:{self.port}", "agents": ",".join(self.settings.agents)},
         )
 

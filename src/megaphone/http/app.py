@@ -419,8 +419,7 @@ class Api(Router):
         return Reply(200, orjson.dumps({"channels": exists}))
 
     async def render_metrics(self, request: Request, params: list[str]) -> Result:
-        await self.metrics.refresh()
-        return Reply(200, self.metrics.render(), METRICS_TYPE.encode())
+        return Reply(200, await self.metrics.exposition(), METRICS_TYPE.encode())
 
     async def healthz(self, request: Request, params: list[str]) -> Result:
         return Reply(200, OK)
