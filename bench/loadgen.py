@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import random
+import re
 import resource
 import statistics
 import sys
@@ -840,9 +841,11 @@ async def scrape_node(host: str, port: int) -> Metrics:
 
     def sink(status: int, tag: int, body: bytes, rtt: float) -> None:
         for line in body.decode().splitlines():
+            # with workers > 1 every figure is labelled {worker="i"}: summed over the workers
+            line = re.sub(r'^(\w+)\{worker="\d+"\}', r"\1", line)
             if line.startswith("megaphone_") and " " in line and "{" not in line:
                 name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
+                out[name] = out.get(name, 0.0) + float(value)
 
     await closed_loop(host, port, 1, source, sink)
     return out

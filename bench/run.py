@@ -7,8 +7,9 @@
     python3 bench/run.py --workloads limits [--quick]     # bench/limits.py: issue #9's attacks
 
 Targets: megaphone on its memory store; megaphone on the Redis store, one node
-(``megaphone-redis``) and two nodes on one Redis (``megaphone-redis-2n``: writes on node A, reads
-on node B); nchan; pushpin with a minimal GRIP origin (``bench/grip_origin.py``). For every target
+(``megaphone-redis``), two nodes on one Redis (``megaphone-redis-2n``: writes on node A, reads
+on node B) and one node with ``workers = 2`` (``megaphone-redis-w2``: its two worker processes
+may run on both CPUs, the load generator's too); nchan; pushpin with a minimal GRIP origin (``bench/grip_origin.py``). For every target
 and workload (and every phase of the phased workloads) fresh servers are started pinned to CPU 0
 (``taskset``; the Redis targets' own redis-server and pushpin's processes and origin too), the
 load generator (``bench/loadgen.py``) runs pinned to CPU 1, the servers are stopped by PID. The
@@ -53,8 +54,18 @@ QUIET_PCT = 15.0  # background load under which the machine counts as quiet enou
 QUIET_WAIT_TOTAL = 60.0  # seconds of such waiting allowed over a whole run
 # megaphone: the memory store; megaphone-redis: one node on the Redis store;
 # megaphone-redis-2n: two nodes on one Redis (writers on node A, readers on node B)
-TARGETS = ("megaphone", "megaphone-redis", "megaphone-redis-2n", "nchan", "nchan-redis", "pushpin")
-REDIS_TARGETS = ("megaphone-redis", "megaphone-redis-2n")  # megaphone on its Redis store
+# megaphone-redis-w2: one node on the Redis store with workers = 2 (two processes on one port)
+TARGETS = (
+    "megaphone",
+    "megaphone-redis",
+    "megaphone-redis-2n",
+    "megaphone-redis-w2",
+    "nchan",
+    "nchan-redis",
+    "pushpin",
+)
+# megaphone on its Redis store
+REDIS_TARGETS = ("megaphone-redis", "megaphone-redis-2n", "megaphone-redis-w2")
 # every target with a redis-server beside it (its CPU is reported apart): nchan-redis is nginx +
 # nchan with nchan_redis_pass, its channels and messages in Redis (issue #13's baseline)
 REDIS_BACKED = (*REDIS_TARGETS, "nchan-redis")
@@ -84,6 +95,7 @@ CAN_RUN = {
 DEFAULT_WORKLOADS = {
     "megaphone-redis": ("throughput", "latency", "idle", "batch", "create", "scale", "sweep"),
     "megaphone-redis-2n": ("throughput", "latency", "idle", "batch", "create"),
+    "megaphone-redis-w2": ("throughput", "latency", "idle", "batch", "create"),
     "nchan-redis": ("throughput", "latency", "idle", "batch"),
 }
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -92,6 +104,9 @@ REDIS_MAPPING = {
     "megaphone-redis-2n": "two megaphone nodes on one redis-server, same prefix: channels created "
     "and written on node A, read on node B (every event crosses nodes through Redis); the create "
     "workload spreads its connections over both nodes",
+    "megaphone-redis-w2": "one megaphone node on the Redis store with workers = 2: two worker "
+    "processes on one port (SO_REUSEPORT), each connection served by one of them; the workers "
+    "may run on CPU 0 and CPU 1, so they share CPU 1 with the load generator",
     "nchan-redis": "nginx + nchan storing channels and messages in a redis-server "
     "(nchan_redis_pass): publishes and subscribers on the one nginx",
     "placement": "the server(s) and redis-server on CPU 0, the load generator alone on CPU 1",
@@ -321,12 +336,16 @@ def megaphone_executable() -> str:
 
 
 def start_megaphone_node(
-    workdir: Path, extra: Sequence[str] = (), name: str = "megaphone"
+    workdir: Path,
+    extra: Sequence[str] = (),
+    name: str = "megaphone",
+    pin: Sequence[str] | None = None,
 ) -> Server:
+    """One node, pinned to SERVER_CPU unless ``pin`` says otherwise (a taskset command)."""
     port = free_port()
     log = workdir / f"{name.replace(' ', '-')}.log"
     cmd = [
-        *pinned(SERVER_CPU),
+        *(pinned(SERVER_CPU) if pin is None else pin),
         megaphone_executable(),
         "--address",
         f"127.0.0.1:{port}",
@@ -410,24 +429,54 @@ def redis_node_args(workdir: Path, redis_port: int) -> list[str]:
     return ["--config", str(config), *args]
 
 
-def redis_starter(nodes: int) -> Starter:
+def listeners(port: int) -> int:
+    """How many sockets listen on ``port`` (IPv4): one per worker with SO_REUSEPORT."""
+    count = 0
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, _, state = line.split()[1:4]
+            count += local.endswith(f":{port:04X}") and state == "0A"
+    return count
+
+
+def wait_workers(server: Server, workers: int, timeout: float = 30.0) -> None:
+    """Wait until every worker listens; the workers' CPU and RSS count as the node's."""
+    deadline = time.monotonic() + timeout
+    while listeners(server.port) < workers:
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name}: {workers} workers not listening after {timeout}s")
+        time.sleep(0.05)
+    server.pids = [server.proc.pid, *child_pids(server.proc.pid)]
+
+
+def redis_starter(nodes: int, workers: int = 1) -> Starter:
     """megaphone on the Redis store, ``nodes`` nodes on one redis-server (same prefix). With two
     nodes, channels are created and written on node A and read on node B: every event crosses
-    from one node to the other through Redis."""
+    from one node to the other through Redis. ``workers`` > 1: each node runs that many worker
+    processes (``--workers``), allowed on SERVER_CPU and LOADGEN_CPU."""
 
     def start(workdir: Path, extra: Sequence[str], started: list[Server]) -> Deployment:
         redis = start_redis(workdir)
         started.append(redis)
         wait_ready(redis)
         args = [*redis_node_args(workdir, redis.port), *extra]
+        pin = None
+        if workers > 1:
+            args += ["--workers", str(workers)]
+            cores = pinned(SERVER_CPU)
+            pin = [*cores[:-1], f"{SERVER_CPU},{LOADGEN_CPU}"] if cores else []
         servers = []
         for number in range(nodes):
             name = f"megaphone node {NODE_NAMES[number]}" if nodes > 1 else "megaphone"
-            servers.append(start_megaphone_node(workdir, args, name))
+            servers.append(start_megaphone_node(workdir, args, name, pin))
             started.append(servers[-1])
         for server in servers:
             wait_ready(server)
+            if workers > 1:
+                wait_workers(server, workers)
         target = "megaphone-redis" if nodes == 1 else f"megaphone-redis-{nodes}n"
+        if workers > 1:
+            target += f"-w{workers}"
         read = 1 if nodes > 1 else 0
         return Deployment(target, servers, redis, read=read, write=0, create=0)
 
@@ -1003,6 +1052,7 @@ def target_starters() -> dict[str, Starter]:
         "megaphone": start_megaphone,
         "megaphone-redis": redis_starter(1),
         "megaphone-redis-2n": redis_starter(2),
+        "megaphone-redis-w2": redis_starter(1, workers=2),
         "nchan": start_nchan,
         "nchan-redis": start_nchan_redis,
         "pushpin": start_pushpin,
