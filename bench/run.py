@@ -7,14 +7,14 @@
     python3 bench/run.py --workloads limits [--quick]     # bench/limits.py: issue #9's attacks
 
 Targets: megaphone on its memory store; megaphone on the Redis store, one node
-(``megaphone-redis``), two nodes on one Redis (``megaphone-redis-2n``: writes on node A, reads
-on node B) and one node with ``workers = 2`` (``megaphone-redis-w2``: its two worker processes
-may run on both CPUs, the load generator's too); nchan; pushpin with a minimal GRIP origin (``bench/grip_origin.py``). For every target
-and workload (and every phase of the phased workloads) fresh servers are started pinned to CPU 0
-(``taskset``; the Redis targets' own redis-server and pushpin's processes and origin too), the
-load generator (``bench/loadgen.py``) runs pinned to CPU 1, the servers are stopped by PID. The
-results are printed as a markdown table and written to ``bench/results/latest.json``. See
-bench/README.md.
+(``megaphone-redis``), two nodes on one Redis (``megaphone-redis-2n``: writes on node A, reads on
+node B) and one node with ``workers = 2`` (``megaphone-redis-w2``: its two worker processes may run
+on both CPUs, the load generator's too); nchan; pushpin with a minimal GRIP origin
+(``bench/grip_origin.py``). For every target and workload (and every phase of the phased workloads)
+fresh servers are started pinned to CPU 0 (``taskset``; the Redis targets' own redis-server and
+pushpin's processes and origin too), the load generator (``bench/loadgen.py``) runs pinned to CPU
+1, the servers are stopped by PID. The results are printed as a markdown table and written to
+``bench/results/latest.json``. See bench/README.md.
 """
 
 from __future__ import annotations
