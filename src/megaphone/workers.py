@@ -90,7 +90,13 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _worker_main(
-    settings: Settings, index: int, port: int, directory: str, parent: int, ready: Connection
+    settings: Settings,
+    index: int,
+    count: int,
+    port: int,
+    directory: str,
+    parent: int,
+    ready: Connection,
 ) -> None:
     """A worker process's entry point (spawned)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which sends TERM
@@ -102,18 +108,17 @@ def _worker_main(
         run = asyncio.run
     else:
         run = uvloop.run
-    sys.exit(run(_worker(settings, index, port, directory, ready)))
+    sys.exit(run(_worker(settings, index, count, port, directory, ready)))
 
 
 async def _worker(
-    settings: Settings, index: int, port: int, directory: str, ready: Connection
+    settings: Settings, index: int, count: int, port: int, directory: str, ready: Connection
 ) -> int:
     if index != 0:  # the management API is worker 0's
         settings = settings.model_copy(update={"mng_socket_path": ""})
     server = MegaphoneServer(settings, port=port, reuse_port=True, listening="worker listening")
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    count = settings.worker_count
     server.metrics.cluster = lambda: _gather(server.metrics, index, count, directory)
     try:
         figures = await _serve_figures(server.metrics, _socket_path(directory, index))
@@ -291,7 +296,15 @@ class Supervisor:
         reader, writer = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_worker_main,
-            args=(self.settings, slot.index, self.port, self.directory, os.getpid(), writer),
+            args=(
+                self.settings,
+                slot.index,
+                self.count,
+                self.port,
+                self.directory,
+                os.getpid(),
+                writer,
+            ),
             name=f"megaphone-worker-{slot.index}",
             daemon=True,
         )
