@@ -352,8 +352,9 @@ class Api(Router):
         }
 
     async def create(self, request: Request, params: list[str]) -> Result:
-        body = parse_model(CreateBody, request.body) if request.body.strip() else CreateBody()
-        created = await self.broker.create(body.protocols)
+        body = request.body
+        protocols = parse_model(CreateBody, body).protocols if body.strip() else ()
+        created = await self.broker.create(protocols)
         return Reply(200, orjson.dumps(created))
 
     def write(self, request: Request, params: list[str]) -> Coroutine[Any, Any, Result] | Result:
