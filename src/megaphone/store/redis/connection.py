@@ -48,7 +48,22 @@ class NoScriptError(ResponseError):
 
 def pack(parts: list[Arg] | tuple[Arg, ...]) -> bytes:
     """One command as a RESP array of bulk strings."""
-    out = [b"*%d\r\n" % len(parts)]
+    return b"*%d\r\n" % len(parts) + bulks(parts)
+
+
+def bulk(part: Arg) -> bytes:
+    """One argument as a RESP bulk string: a command is the array header ``*N`` and N of these,
+    so the parts that do not change between calls can be packed once (see pipeliner.py)."""
+    if isinstance(part, str):
+        part = part.encode()
+    elif isinstance(part, int):
+        part = b"%d" % part
+    return b"$%d\r\n%b\r\n" % (len(part), part)
+
+
+def bulks(parts: list[Arg] | tuple[Arg, ...]) -> bytes:
+    """Arguments as consecutive RESP bulk strings (:func:`bulk` inlined: this is per call)."""
+    out = []
     for part in parts:
         if isinstance(part, str):
             part = part.encode()

@@ -22,12 +22,13 @@ that Redis Cluster keeps one channel's keys on one shard:
 from __future__ import annotations
 
 from megaphone.core.addressing import ChannelKey
+from megaphone.store.redis.connection import bulks
 
 
 class ChannelKeys:
     """The keys of one channel."""
 
-    __slots__ = ("id", "idem", "keys", "meta", "notify", "stream", "waiting")
+    __slots__ = ("_packed", "id", "idem", "keys", "meta", "notify", "stream", "waiting")
 
     def __init__(self, prefix: str, channel_id: str) -> None:
         self.id = channel_id
@@ -38,6 +39,16 @@ class ChannelKeys:
         self.idem = base + ":i"
         self.keys = [self.meta, self.stream, self.waiting, self.idem]  # a script's KEYS
         self.notify = base + ":n"
+        self._packed: tuple[bytes, bytes, bytes] | None = None
+
+    def packed(self) -> tuple[bytes, bytes, bytes]:
+        """``m p``, ``m p w i`` and ``notify`` as RESP bulk strings, packed once: the KEYS of the
+        take and of the write, and the write's notification channel."""
+        if self._packed is None:
+            meta, stream, waiting, idem = self.keys
+            two = bulks((meta, stream))
+            self._packed = (two, two + bulks((waiting, idem)), bulks((self.notify,)))
+        return self._packed
 
     @property
     def agent(self) -> str:

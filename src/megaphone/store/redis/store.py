@@ -31,7 +31,7 @@ from megaphone.errors import Busy, ChannelLimit, NotFound, StoreUnavailable, Wri
 from megaphone.metrics import Metrics
 from megaphone.store.base import ChannelInfo, ChannelStore, ReadSink, ResumeStatus, Subscription
 from megaphone.store.redis.agents import AgentKeys
-from megaphone.store.redis.connection import RespClient, ResponseError, pack
+from megaphone.store.redis.connection import RespClient, ResponseError, bulk, bulks, pack
 from megaphone.store.redis.keys import ChannelKeys, Keys
 from megaphone.store.redis.notifications import Notifications
 from megaphone.store.redis.pipeliner import Pipeliner, unavailable
@@ -89,6 +89,16 @@ class RedisStore(ChannelStore):
         address = RedisAddress.parse(url)
         self.client = RespClient(address, timeout)
         self._scripts = Pipeliner(self.client, self._spawn)
+        # the write and the take, the calls of every event, are sent packed from pieces (see
+        # pipeliner.py): their constant arguments are packed here, once
+        scripts = self._scripts
+        self._write_head = scripts.head("write", 4, 13)
+        self._write_capacity = bulk(capacity)
+        self._write_limits = bulks((self.safety_ms, capacity_bytes, EVENT_OVERHEAD))
+        self._write_idempotency = bulks((self.idempotency_ttl_ms, idempotency_max))
+        self._take_head = scripts.head("take", 2, 9)
+        self._take_window = bulks((TAKE_BATCH, replay_size, replay_bytes, EVENT_OVERHEAD))
+        self._take_lease = bulks((self.lease_ms, self.safety_ms))
         # every reader takes (or renews its lease) at every tick: at least twice per lease
         self.notifications = Notifications(address, min(poll, lease / 2))
         self._releasing: dict[str, asyncio.Future[None]] = {}
@@ -201,25 +211,26 @@ class RedisStore(ChannelStore):
         ticket = f"{self._now_ms() + int(wait * 1000)}:{os.urandom(6).hex()}"
         enqueue = "1" if wait > 0 else "0"
         delay = 0.005
+        _, keys, notify = ids.packed()
+        # the write script's ARGV: eid line capacity ticket now enqueue notify safety
+        # capacity_bytes overhead idempotency_key idempotency_ttl idempotency_max
+        event_part = bulks((event.eid, event.line))
+        idempotency = bulk(idempotency_key or "")
         while True:
-            written = await self._script(
-                "write",
-                ids.keys,
-                [
-                    event.eid,
-                    event.line,
-                    self.capacity,
-                    ticket,
-                    self._now_ms(),
-                    enqueue,
-                    ids.notify,
-                    self.safety_ms,
-                    self.capacity_bytes,
-                    EVENT_OVERHEAD,
-                    idempotency_key or "",
-                    self.idempotency_ttl_ms,
-                    self.idempotency_max,
-                ],
+            written = await self._scripts.send(
+                b"".join(
+                    (
+                        self._write_head,
+                        keys,
+                        event_part,
+                        self._write_capacity,
+                        bulks((ticket, self._now_ms(), enqueue)),
+                        notify,
+                        self._write_limits,
+                        idempotency,
+                        self._write_idempotency,
+                    )
+                )
             )
             if written == 1:
                 self.metrics.messages_received += 1
@@ -304,20 +315,18 @@ class RedisStore(ChannelStore):
     async def take_events(
         self, keys: ChannelKeys, token: str, start: str
     ) -> tuple[int, list[tuple[str, bytes]], bool]:
-        reply = await self._script(
-            "take",
-            keys.keys[:2],
-            [
-                token,
-                start,
-                TAKE_BATCH,
-                self.replay_size,
-                self.replay_bytes,
-                EVENT_OVERHEAD,
-                self._now_ms(),
-                self.lease_ms,
-                self.safety_ms,
-            ],
+        # the take script's ARGV: token from count window window_bytes overhead now lease safety
+        reply = await self._scripts.send(
+            b"".join(
+                (
+                    self._take_head,
+                    keys.packed()[0],
+                    bulks((token, start)),
+                    self._take_window,
+                    bulk(self._now_ms()),
+                    self._take_lease,
+                )
+            )
         )
         code = int(reply[0])
         if code == -1:
