@@ -534,3 +534,46 @@ async def test_a_connect_that_times_out_in_its_setup_closes_the_connection(
         assert silent.asked.is_set()
         async with asyncio.timeout(5):
             await silent.closed_by_peer.wait()
+
+
+async def test_a_start_that_fails_closes_the_store_s_connections(
+    redis_server: RedisServer, admin: aioredis.Redis
+) -> None:
+    """A node whose port is taken fails its start after the store connected: the store's
+    connections are closed all the same (a half-started node leaks nothing)."""
+    import socket
+
+    from conftest import make_settings
+    from megaphone.server import MegaphoneServer
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    prefix = f"f{uuid.uuid4().hex}:"
+    names = {CLIENT_NAME}
+
+    async def ours() -> int:
+        return sum(1 for c in await admin.client_list() if c["name"] in names)
+
+    before = await ours()
+    node = MegaphoneServer(
+        make_settings(
+            address=f"127.0.0.1:{port}",
+            store="redis",
+            redis_url=redis_server.url,
+            redis_prefix=prefix,
+        )
+    )
+    try:
+        with pytest.raises(OSError, match="in use"):
+            await node.start()
+        for _ in range(200):  # the server side notices the closes a moment later
+            if await ours() <= before:
+                break
+            await asyncio.sleep(0.01)
+        assert await ours() <= before
+        with pytest.raises(RuntimeError):
+            await node.start()  # closed: it does not start again
+    finally:
+        taken.close()

@@ -8,7 +8,7 @@ import logging
 import signal
 import socket
 import time
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 
 from megaphone.config import Settings
 from megaphone.core.agents import Agent, AgentRegistry
@@ -221,8 +221,17 @@ class MegaphoneServer:
         return counts
 
     async def start(self) -> None:
+        """Start, or fail having closed what was opened (the store's connections, the
+        listeners): a half-started node leaks nothing."""
         if self._closed:
             raise RuntimeError("server is closed")
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose(grace=0)
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         shared = await self.store.agent_keys(list(settings.agents))
         for name, mode in settings.agents.items():
@@ -269,7 +278,6 @@ class MegaphoneServer:
             self._mgmt_server = await listener.listen(path, lambda: HttpProtocol(self.mgmt))
         except (listener.SocketPathError, OSError) as exc:
             if "mng_socket_path" in self.settings.model_fields_set:
-                await self.aclose()
                 raise listener.SocketPathError(str(exc)) from None
             log.warning("management API off: %s", exc, extra={"path": path})
             return
@@ -311,11 +319,12 @@ class MegaphoneServer:
             self._sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await self._sweeper
-        await self.webhooks.aclose()
-        await self.store.aclose()
-        for server in (self._server, self._mgmt_server):
-            if server is not None:
-                await server.wait_closed()
+        async with AsyncExitStack() as closing:  # each runs even when one before it fails
+            for server in (self._server, self._mgmt_server):
+                if server is not None:
+                    closing.push_async_callback(server.wait_closed)
+            closing.push_async_callback(self.store.aclose)
+            closing.push_async_callback(self.webhooks.aclose)  # callbacks run last-in first
 
 
 async def serve(settings: Settings) -> None:
