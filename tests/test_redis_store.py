@@ -11,7 +11,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from megaphone.core.addressing import new_consumer_address
+from megaphone.core.addressing import ChannelKey, new_consumer_address
 from megaphone.core.events import make_event
 from megaphone.errors import Busy, StoreUnavailable
 from megaphone.metrics import Metrics
@@ -148,28 +148,118 @@ async def test_scripts_flushed_from_redis_are_loaded_again(
     await _closed(subscription)
 
 
-async def test_one_notification_per_take(store: RedisStore, admin: aioredis.Redis) -> None:
-    """Writes publish a wake-up only while the reader waits: a burst written before the reader
-    takes again costs one notification, not one per event, and every event still arrives."""
+async def _armed_reader(
+    store: RedisStore, admin: aioredis.Redis, sink: Sink
+) -> tuple[Any, ChannelKey, Any]:
+    """A channel whose reader waits (its first, empty take armed ``wk``), and a probe
+    subscribed to its notifications."""
     address, key = new_consumer_address("a")
     await store.create(key, address, 100)
-    sink = Sink()
     subscription = await store.attach(key, sink, None)
     subscription.start()
     await asyncio.sleep(0.05)  # the first (empty) take armed the notification
-    meta = meta_of(store, key)
-    assert await admin.hget(meta, "wk") == b"1"
+    assert await admin.hget(meta_of(store, key), "wk") == b"1"
     probe = admin.pubsub()
     await probe.subscribe(Keys(store.prefix).channel(key).notify)
     await probe.get_message(timeout=1.0)  # the subscribe confirmation
-    await asyncio.gather(*(store.write(key, make_event("s", n), 0.0) for n in range(50)))
+    return subscription, key, probe
+
+
+async def _published(probe: Any) -> list[bytes]:
+    messages = []
+    while (message := await probe.get_message(timeout=0.2)) is not None:
+        messages.append(message["data"])
+    await probe.aclose()
+    return messages
+
+
+async def test_a_waiting_reader_is_handed_each_event_in_its_notification(
+    store: RedisStore, admin: aioredis.Redis
+) -> None:
+    """A write that finds the reader waiting with everything before it publishes the event
+    itself, marked as sent: the node delivers it without a take (issue #14's fan-out), in
+    order, once."""
+    sink = Sink()
+    subscription, key, probe = await _armed_reader(store, admin, sink)
+    events = [make_event("s", n) for n in range(50)]
+    await asyncio.gather(*(store.write(key, event, 0.0) for event in events))
     await wait_lines(sink, 50)
-    published = 0
-    while await probe.get_message(timeout=0.2) is not None:
-        published += 1
-    await probe.aclose()  # type: ignore[no-untyped-call]
-    assert 1 <= published < 50
+    messages = await _published(probe)
+    assert len(messages) == 50
+    assert all(
+        message.endswith(event.line) for message, event in zip(messages, events, strict=True)
+    )
+    assert sink.lines == [event.line for event in events]
+    meta = await admin.hmget(meta_of(store, key), "np", "ns", "wk")
+    assert meta == [b"0", b"50", b"1"]  # sent (in the replay window), nothing pending, armed
+    assert store.metrics.messages_read == 50
+    assert store.metrics.messages_replayed == 0
     await _closed(subscription)
+
+
+async def test_one_notification_per_take(redis_server: RedisServer, admin: aioredis.Redis) -> None:
+    """Without a replay window nothing is handed over in a notification: writes publish a
+    wake-up only while the reader waits, so a burst written before the reader takes again costs
+    one notification, not one per event, and every event still arrives."""
+    store = make_store(redis_server, replay_size=0)
+    await store.start()
+    try:
+        sink = Sink()
+        subscription, key, probe = await _armed_reader(store, admin, sink)
+        await asyncio.gather(*(store.write(key, make_event("s", n), 0.0) for n in range(50)))
+        await wait_lines(sink, 50)
+        messages = await _published(probe)
+        assert 1 <= len(messages) < 50
+        assert set(messages) == {b""}
+        await _closed(subscription)
+    finally:
+        await store.aclose()
+
+
+async def test_a_reader_whose_sink_is_full_is_not_handed_events(
+    store: RedisStore, admin: aioredis.Redis
+) -> None:
+    """An event handed over to a reader whose sink cannot take it is left to a take: the reader
+    renews its lease instead, which disarms it (writes stop publishing), and once its sink
+    drains every event arrives, in order, once."""
+    sink = Sink()
+    subscription, key, probe = await _armed_reader(store, admin, sink)
+    sink.writable = False
+    events = [make_event("s", n) for n in range(20)]
+    for event in events:
+        await store.write(key, event, 0.0)
+    await asyncio.sleep(0.1)
+    assert sink.lines == []
+    assert await admin.hget(meta_of(store, key), "wk") == b"0"
+    sink.writable = True
+    subscription.resume()  # the sink drained
+    await wait_lines(sink, 20)
+    await asyncio.sleep(0.05)
+    assert sink.lines == [event.line for event in events]
+    assert len(await _published(probe)) < 20
+    await _closed(subscription)
+
+
+async def test_an_event_handed_over_that_fills_the_window_ends_the_read(
+    redis_server: RedisServer, admin: aioredis.Redis
+) -> None:
+    """As a take that fills the replay window: the read ends (the client reconnects and
+    confirms), and what is written next waits for that reader."""
+    store = make_store(redis_server, replay_size=3)
+    await store.start()
+    try:
+        sink = Sink()
+        subscription, key, probe = await _armed_reader(store, admin, sink)
+        for n in range(4):
+            await store.write(key, make_event("s", n), 0.0)
+        await asyncio.sleep(0.1)
+        assert len(sink.lines) == 3
+        assert sink.window_ended
+        assert await admin.hmget(meta_of(store, key), "np", "ns") == [b"1", b"3"]
+        await _published(probe)
+        await _closed(subscription)
+    finally:
+        await store.aclose()
 
 
 async def test_a_lost_notification_connection_wakes_every_reader(
@@ -269,7 +359,7 @@ async def wait_until(condition: Any) -> None:
 
 
 class Watcher:
-    def notified(self, data: str) -> None:
+    def notified(self, data: bytes) -> None:
         pass
 
     def resume(self) -> None:

@@ -1,12 +1,13 @@
 """Wake-ups for the readers attached on this node.
 
 A write publishes on the channel's ``:n`` pub/sub channel while its reader waits (the take script
-arms a flag, the write script disarms it): :class:`Notifications` routes each message to the
-reader watching that channel here. Nothing published while the connection was down is replayed,
-so every (re)connect wakes every reader; a reader also looks again when Redis confirms its
-subscription (a write between the reader's first look and that confirmation was published to
-nobody); and every ``tick`` seconds every reader looks again (a safety net, which also renews the
-readers' leases).
+arms a flag): the event itself when the reader has everything before it (the write marks it sent,
+see write.lua), else a bare wake-up (and the flag is disarmed until the next take).
+:class:`Notifications` routes each message to the reader watching that channel here. Nothing
+published while the connection was down is replayed, so every (re)connect wakes every reader; a
+reader also looks again when Redis confirms its subscription (a write between the reader's first
+look and that confirmation was published to nobody); and every ``tick`` seconds every reader
+looks again (a safety net, which also renews the readers' leases).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from megaphone.store.redis.url import RedisAddress
 
 
 class Watcher(Protocol):
-    def notified(self, data: str) -> None:
-        """A message on the watched channel: ``""`` new events, ``"d"`` the channel is gone."""
+    def notified(self, data: bytes) -> None:
+        """A message on the watched channel: ``b""`` new events, ``b"d"`` the channel is gone,
+        anything else an event handed over (write.lua)."""
         ...
 
     def resume(self) -> None:
@@ -60,7 +62,7 @@ class Notifications:
     def _on_message(self, channel: bytes, data: bytes) -> None:
         watcher = self.watchers.get(channel.decode())
         if watcher is not None:
-            watcher.notified(data.decode())
+            watcher.notified(data)
 
     def _on_subscribed(self, channel: bytes) -> None:
         watcher = self.watchers.get(channel.decode())

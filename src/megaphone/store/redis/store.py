@@ -92,10 +92,12 @@ class RedisStore(ChannelStore):
         # the write and the take, the calls of every event, are sent packed from pieces (see
         # pipeliner.py): their constant arguments are packed here, once
         scripts = self._scripts
-        self._write_head = scripts.head("write", 4, 13)
+        self._write_head = scripts.head("write", 4, 15)
         self._write_capacity = bulk(capacity)
         self._write_limits = bulks((self.safety_ms, capacity_bytes, EVENT_OVERHEAD))
-        self._write_idempotency = bulks((self.idempotency_ttl_ms, idempotency_max))
+        self._write_tail = bulks(
+            (self.idempotency_ttl_ms, idempotency_max, replay_size, replay_bytes)
+        )
         self._take_head = scripts.head("take", 2, 9)
         self._take_window = bulks((TAKE_BATCH, replay_size, replay_bytes, EVENT_OVERHEAD))
         self._take_lease = bulks((self.lease_ms, self.safety_ms))
@@ -213,7 +215,8 @@ class RedisStore(ChannelStore):
         delay = 0.005
         _, keys, notify = ids.packed()
         # the write script's ARGV: eid line capacity ticket now enqueue notify safety
-        # capacity_bytes overhead idempotency_key idempotency_ttl idempotency_max
+        # capacity_bytes overhead idempotency_key idempotency_ttl idempotency_max window
+        # window_bytes
         event_part = bulks((event.eid, event.line))
         idempotency = bulk(idempotency_key or "")
         while True:
@@ -228,7 +231,7 @@ class RedisStore(ChannelStore):
                         notify,
                         self._write_limits,
                         idempotency,
-                        self._write_idempotency,
+                        self._write_tail,
                     )
                 )
             )

@@ -1,6 +1,8 @@
 """A reader attached on this node: a task that takes events from the channel's stream into its
 sink, woken by notifications, by its sink draining, and by the tick (which also renews its
-lease when the sink cannot take anything)."""
+lease when the sink cannot take anything). A notification that carries the event itself (the
+write found the reader waiting with everything before it, see write.lua) is delivered at once,
+without a take, when it follows on from what this reader holds; otherwise it is a wake-up."""
 
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class RedisSubscription:
         self.keys = keys
         self.sink = sink
         self.token = token
+        self._token = token.encode()
         self.last = start
         self.status = status
         self.renewed = leased  # monotonic: when the last call that renewed the lease was sent
@@ -61,6 +64,8 @@ class RedisSubscription:
         self.task: asyncio.Task[None] | None = None
         self.released: asyncio.Future[None] | None = None
         self.closed = False
+        self.taking = False  # a take is in flight: a pushed event is left to it (a wake-up)
+        self.finished = False  # the read is over (window full, lease lost): nothing more
 
     def start(self) -> None:
         if not self.closed and self.task is None:
@@ -76,11 +81,33 @@ class RedisSubscription:
     def resume(self) -> None:
         self.wake.set()
 
-    def notified(self, data: str) -> None:
-        if data == "d":
+    def notified(self, data: bytes) -> None:
+        if data == b"d":
             self._end()
-        else:
+        elif not data or not self._pushed(data):
             self.wake.set()
+
+    def _pushed(self, data: bytes) -> bool:
+        """Deliver an event handed over in its notification (write.lua: ``token previous id
+        full line``); False when a take must fetch it instead. Redis marked it sent and keeps it
+        in the replay window, so a take from ``last`` returns it whenever it is not used here: a
+        take in flight (its reply may or may not hold it), a reader that is not ours (a lease
+        taken over) or that missed an event before it, a sink that cannot take it."""
+        if self.closed or self.finished or self.taking or self.task is None:
+            return False
+        parts = data.split(b" ", 4)
+        if len(parts) != 5 or parts[0] != self._token or parts[1].decode() != self.last:
+            return False
+        if not self.sink.writable:
+            return False  # the task renews the lease, which stops the pushes until a take
+        self.last = parts[2].decode()
+        self.reads.metrics.messages_read += 1
+        self.sink.deliver([parts[4]])
+        if parts[3] == b"1":  # the replay window is full now (as a take's code 2)
+            self.finished = True
+            self.sink.window_full()
+            self.wake.set()  # (the task ends)
+        return True
 
     def close(self) -> asyncio.Future[None] | None:
         if self.closed:
@@ -100,18 +127,22 @@ class RedisSubscription:
     async def _run(self) -> None:
         reads, metrics = self.reads, self.reads.metrics
         backoff = 0.05
-        while not self.closed:
+        while not self.closed and not self.finished:
             self.wake.clear()
             sent = time.monotonic()
             if self.sink.writable:
+                self.taking = True
                 try:
                     new, events, full = await reads.take_events(self.keys, self.token, self.last)
                 except StoreUnavailable:
                     await asyncio.sleep(backoff)  # Redis is away: try again soon, not at a tick
                     backoff = min(backoff * 2, 1.0)
                     continue
+                finally:
+                    self.taking = False
                 backoff = 0.05
                 if new == -1:  # the lease is gone (channel deleted or lapsed)
+                    self.finished = True
                     self._end()
                     return
                 self.renewed = sent
@@ -121,6 +152,7 @@ class RedisSubscription:
                     metrics.messages_replayed += len(events) - new
                     self.sink.deliver([line for _, line in events])
                 if full:  # the client must reconnect and confirm before it gets more
+                    self.finished = True
                     if not self.closed:
                         self.sink.window_full()
                     return
@@ -130,6 +162,7 @@ class RedisSubscription:
             else:  # the sink is full: no take, but the lease is kept (at every tick)
                 try:
                     if not await reads.renew_lease(self.keys, self.token):
+                        self.finished = True
                         self._end()
                         return
                     self.renewed = sent
