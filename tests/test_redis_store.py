@@ -667,3 +667,30 @@ async def test_a_start_that_fails_closes_the_store_s_connections(
             await node.start()  # closed: it does not start again
     finally:
         taken.close()
+
+
+async def test_a_writer_cancelled_during_its_call_leaves_the_queue(
+    redis_server: RedisServer, admin: aioredis.Redis
+) -> None:
+    """A waiting writer cancelled while its script call is in flight (the call that queues its
+    ticket, or a retry) still takes its ticket out once the call is done: the writers behind it
+    do not wait until it lapses (here 30 s)."""
+    store = make_store(redis_server, capacity=1)
+    await store.start()
+    try:
+        address, key = new_consumer_address("a")
+        await store.create(key, address, 100)
+        await store.write(key, make_event("s", 0), 0.0)  # full
+        waiting = asyncio.ensure_future(store.write(key, make_event("s", "cancelled"), 30.0))
+        await asyncio.sleep(0)  # its first call (which queues the ticket) is on its way
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        queue = Keys(store.prefix).channel(key).waiting
+        for _ in range(100):
+            if await admin.llen(queue) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert await admin.llen(queue) == 0
+    finally:
+        await store.aclose()

@@ -220,7 +220,7 @@ class RedisStore(ChannelStore):
         event_part = bulks((event.eid, event.line))
         idempotency = bulk(idempotency_key or "")
         while True:
-            written = await self._scripts.send(
+            call = self._scripts.send(
                 b"".join(
                     (
                         self._write_head,
@@ -235,6 +235,16 @@ class RedisStore(ChannelStore):
                     )
                 )
             )
+            if wait <= 0:
+                written = await call  # (nothing is ever queued)
+            else:
+                try:
+                    written = await asyncio.shield(call)
+                except asyncio.CancelledError:
+                    # this call may queue the ticket (or an earlier one did): once it is done,
+                    # take the ticket out, or the writers behind it wait until it lapses
+                    self._spawn(self._forget_ticket(ids, ticket, call))
+                    raise
             if written == 1:
                 self.metrics.messages_received += 1
                 return
@@ -263,8 +273,14 @@ class RedisStore(ChannelStore):
                 raise
             delay = min(delay * 2, 0.05)
 
-    async def _forget_ticket(self, ids: ChannelKeys, ticket: str) -> None:
+    async def _forget_ticket(
+        self, ids: ChannelKeys, ticket: str, call: asyncio.Future[Any] | None = None
+    ) -> None:
+        """Take a cancelled writer's ticket out of the queue, after its last ``call`` (which may
+        have queued it) is done."""
         with contextlib.suppress(StoreUnavailable):
+            if call is not None:
+                await call
             await self._call("LREM", ids.waiting, 0, ticket)
 
     def stop_waiting(self, error: Exception) -> None:
