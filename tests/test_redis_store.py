@@ -237,6 +237,8 @@ async def test_a_reader_whose_sink_is_full_is_not_handed_events(
     await asyncio.sleep(0.05)
     assert sink.lines == [event.line for event in events]
     assert len(await _published(probe)) < 20
+    assert store.metrics.messages_read == 20  # first sends, though marked sent by their writes
+    assert store.metrics.messages_replayed == 0
     await _closed(subscription)
 
 

@@ -16,6 +16,7 @@ from megaphone.store.base import ReadSink, ResumeStatus
 from megaphone.store.redis.keys import ChannelKeys
 
 TAKE_BATCH = 256
+UNSENT_MAX = 4096  # ids remembered of events handed over but left to a take (metrics only)
 
 
 class Reads(Protocol):
@@ -66,6 +67,9 @@ class RedisSubscription:
         self.closed = False
         self.taking = False  # a take is in flight: a pushed event is left to it (a wake-up)
         self.finished = False  # the read is over (window full, lease lost): nothing more
+        # ids of events handed over to this reader but left to a take: marked sent by their
+        # write, so the take counts them as sent before; they are first sends (messages_read)
+        self.unsent: set[bytes] = set()
 
     def start(self) -> None:
         if not self.closed and self.task is None:
@@ -93,13 +97,21 @@ class RedisSubscription:
         in the replay window, so a take from ``last`` returns it whenever it is not used here: a
         take in flight (its reply may or may not hold it), a reader that is not ours (a lease
         taken over) or that missed an event before it, a sink that cannot take it."""
-        if self.closed or self.finished or self.taking or self.task is None:
-            return False
         parts = data.split(b" ", 4)
-        if len(parts) != 5 or parts[0] != self._token or parts[1].decode() != self.last:
+        if len(parts) != 5 or parts[0] != self._token:
             return False
-        if not self.sink.writable:
-            return False  # the task renews the lease, which stops the pushes until a take
+        if (
+            self.closed
+            or self.finished
+            or self.taking
+            or self.task is None
+            or parts[1].decode() != self.last
+            # (the task renews the lease, which stops the pushes until a take)
+            or not self.sink.writable
+        ):
+            if len(self.unsent) < UNSENT_MAX:
+                self.unsent.add(parts[2])
+            return False
         self.last = parts[2].decode()
         self.reads.metrics.messages_read += 1
         self.sink.deliver([parts[4]])
@@ -108,6 +120,17 @@ class RedisSubscription:
             self.sink.window_full()
             self.wake.set()  # (the task ends)
         return True
+
+    def _first_sends(self, events: list[tuple[str, bytes]], new: int) -> int:
+        """How many of the events a take counted as sent before were handed over here but
+        left to it (first sends after all)."""
+        unsent, found = self.unsent, 0
+        for eid, _ in events[: len(events) - new]:  # (the take's new ones come last)
+            key = eid.encode()
+            if key in unsent:
+                unsent.discard(key)
+                found += 1
+        return found
 
     def close(self) -> asyncio.Future[None] | None:
         if self.closed:
@@ -148,6 +171,8 @@ class RedisSubscription:
                 self.renewed = sent
                 if events:
                     self.last = events[-1][0]
+                    if self.unsent:
+                        new += self._first_sends(events, new)
                     metrics.messages_read += new
                     metrics.messages_replayed += len(events) - new
                     self.sink.deliver([line for _, line in events])
