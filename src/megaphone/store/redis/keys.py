@@ -11,7 +11,8 @@ that Redis Cluster keeps one channel's keys on one shard:
   Entries up to ``dl`` are the replay window, entries after it are pending;
 * ``P{id}:w`` list: tickets of writers waiting for room, in arrival order (FIFO across nodes);
 * ``P{id}:i`` sorted set: idempotency keys of applied writes, scored by when they are forgotten;
-* ``P{id}:n`` pub/sub channel: "new events" (``""``) or "deleted" (``"d"``) for the reading node;
+* ``P{id}:n`` pub/sub channel: "new events" (``""``), "deleted" (``"d"``), or an event handed
+  over (``token previous-dl id full line``, see write.lua) for the reading node;
 * ``Pexpiry`` sorted set: channel ids by the time to check them for expiry; ``Pcount`` and
   ``Pcount:<agent>``: channels;
 * ``Pchannels`` sorted set: channel ids by creation time (ms), the stable order of
