@@ -696,3 +696,41 @@ async def test_a_writer_cancelled_during_its_call_leaves_the_queue(
         assert await admin.llen(queue) == 0
     finally:
         await store.aclose()
+
+
+async def test_events_handed_over_while_takes_run_arrive_once_in_order(
+    redis_server: RedisServer,
+) -> None:
+    """Pushed events racing the reader's takes (a tick every 5 ms makes it take all the time):
+    each event arrives once, in write order, and counts once as read."""
+    store = make_store(redis_server, poll=0.005, lease=1.0)
+    await store.start()
+    try:
+        address, key = new_consumer_address("a")
+        await store.create(key, address, 100)
+        sink = Sink()
+        subscription = await store.attach(key, sink, None)
+        subscription.start()
+        await asyncio.sleep(0.05)
+        written: list[bytes] = []
+
+        async def writer(n: int) -> None:
+            for i in range(60):
+                event = make_event("s", [n, i])
+                await store.write(key, event, 5.0)
+                written.append(event.line)  # (acknowledged in order: one channel, one queue)
+                await asyncio.sleep(0.001 * (i % 3))
+
+        await asyncio.gather(*(writer(n) for n in range(5)))
+        await wait_lines(sink, 300)
+        await asyncio.sleep(0.05)
+        assert len(sink.lines) == 300
+        assert sorted(sink.lines) == sorted(written)
+        for n in range(5):  # each writer's events in its order
+            mine = [line for line in sink.lines if b'"body":[%d,' % n in line]
+            assert mine == [line for line in written if b'"body":[%d,' % n in line]
+        assert store.metrics.messages_read == 300
+        assert store.metrics.messages_replayed == 0
+        await _closed(subscription)
+    finally:
+        await store.aclose()

@@ -310,7 +310,7 @@ class RedisStore(ChannelStore):
             )
         )
         try:
-            code, start = await asyncio.shield(script)
+            code, start, *sent = await asyncio.shield(script)
         except asyncio.CancelledError:
             # the client left while we attached: the script may still take the lease, and no
             # subscription will ever release it, so release it once the script is done
@@ -323,7 +323,7 @@ class RedisStore(ChannelStore):
         if code == -2:
             raise Busy("channel already has a reader")
         subscription = RedisSubscription(
-            self, ids, sink, token, _text(start), STATUS[int(code)], leased
+            self, ids, sink, token, _text(start), STATUS[int(code)], leased, _text(sent[0])
         )
         self.notifications.watch(ids.notify, subscription)
         await self.start()

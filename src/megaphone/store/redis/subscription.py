@@ -16,7 +16,11 @@ from megaphone.store.base import ReadSink, ResumeStatus
 from megaphone.store.redis.keys import ChannelKeys
 
 TAKE_BATCH = 256
-UNSENT_MAX = 4096  # ids remembered of events handed over but left to a take (metrics only)
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class Reads(Protocol):
@@ -52,6 +56,7 @@ class RedisSubscription:
         start: str,
         status: ResumeStatus,
         leased: float,
+        sent: str,
     ) -> None:
         self.reads = reads
         self.keys = keys
@@ -67,9 +72,11 @@ class RedisSubscription:
         self.closed = False
         self.taking = False  # a take is in flight: a pushed event is left to it (a wake-up)
         self.finished = False  # the read is over (window full, lease lost): nothing more
-        # ids of events handed over to this reader but left to a take: marked sent by their
-        # write, so the take counts them as sent before; they are first sends (messages_read)
-        self.unsent: set[bytes] = set()
+        # the events up to the channel's last sent one when this read began are replays (a
+        # resumed read's); every later one is a first send (messages_read), whether a take or
+        # its write's notification brought it (a take counts an event that its write marked
+        # sent as sent before: it may have been left to the take)
+        self.replays_to: tuple[int, int] | None = None if sent == start else _stream_id(sent)
 
     def start(self) -> None:
         if not self.closed and self.task is None:
@@ -97,21 +104,13 @@ class RedisSubscription:
         in the replay window, so a take from ``last`` returns it whenever it is not used here: a
         take in flight (its reply may or may not hold it), a reader that is not ours (a lease
         taken over) or that missed an event before it, a sink that cannot take it."""
+        if self.closed or self.finished or self.taking or self.task is None:
+            return False
         parts = data.split(b" ", 4)
-        if len(parts) != 5 or parts[0] != self._token:
+        if len(parts) != 5 or parts[0] != self._token or parts[1].decode() != self.last:
             return False
-        if (
-            self.closed
-            or self.finished
-            or self.taking
-            or self.task is None
-            or parts[1].decode() != self.last
-            # (the task renews the lease, which stops the pushes until a take)
-            or not self.sink.writable
-        ):
-            if len(self.unsent) < UNSENT_MAX:
-                self.unsent.add(parts[2])
-            return False
+        if not self.sink.writable:
+            return False  # the task renews the lease, which stops the pushes until a take
         self.last = parts[2].decode()
         self.reads.metrics.messages_read += 1
         self.sink.deliver([parts[4]])
@@ -121,16 +120,18 @@ class RedisSubscription:
             self.wake.set()  # (the task ends)
         return True
 
-    def _first_sends(self, events: list[tuple[str, bytes]], new: int) -> int:
-        """How many of the events a take counted as sent before were handed over here but
-        left to it (first sends after all)."""
-        unsent, found = self.unsent, 0
-        for eid, _ in events[: len(events) - new]:  # (the take's new ones come last)
-            key = eid.encode()
-            if key in unsent:
-                unsent.discard(key)
-                found += 1
-        return found
+    def _first_sends(self, events: list[tuple[str, bytes]]) -> int:
+        """How many of the events (in stream order) come after the replayed ones."""
+        replays_to = self.replays_to
+        if replays_to is None:
+            return len(events)
+        replays = 0
+        for eid, _ in events:
+            if _stream_id(eid) > replays_to:
+                self.replays_to = None  # past the replays: every later event is new
+                break
+            replays += 1
+        return len(events) - replays
 
     def close(self) -> asyncio.Future[None] | None:
         if self.closed:
@@ -171,8 +172,7 @@ class RedisSubscription:
                 self.renewed = sent
                 if events:
                     self.last = events[-1][0]
-                    if self.unsent:
-                        new += self._first_sends(events, new)
+                    new = self._first_sends(events)
                     metrics.messages_read += new
                     metrics.messages_replayed += len(events) - new
                     self.sink.deliver([line for _, line in events])

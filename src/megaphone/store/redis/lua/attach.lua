@@ -1,6 +1,7 @@
--- KEYS m p w; ARGV token now lease after safety overhead → {status, start id}; status -1 gone,
+-- KEYS m p w; ARGV token now lease after safety overhead → {status, start id, dl}; status -1 gone,
 -- -2 busy, 0 no cursor, 1 resumed, 2 unknown cursor. A cursor confirms the sent events up to it; no
--- cursor confirms them all (such a reader cannot resume).
+-- cursor confirms them all (such a reader cannot resume). dl: the last event sent before this
+-- read (what the read gets up to it is replayed).
 -- needs lib.lua
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
 local now = tonumber(ARGV[2])
@@ -12,7 +13,7 @@ local dl = redis.call('HGET', KEYS[1], 'dl')
 if ARGV[4] == '' then
   redis.call('XTRIM', KEYS[2], 'MINID', after(dl))
   redis.call('HSET', KEYS[1], 'ns', 0, 'sb', 0)
-  return {0, dl}
+  return {0, dl, dl}
 end
 local sent = redis.call('XRANGE', KEYS[2], '-', dl)
 local bytes = 0
@@ -24,8 +25,8 @@ for i = 1, #sent do
     redis.call('HSET', KEYS[1], 'confirmed', ARGV[4])
     redis.call('HINCRBY', KEYS[1], 'ns', -i)
     redis.call('HINCRBY', KEYS[1], 'sb', -bytes)
-    return {1, id}
+    return {1, id, dl}
   end
 end
-if redis.call('HGET', KEYS[1], 'confirmed') == ARGV[4] then return {1, '-'} end
-return {2, '-'}
+if redis.call('HGET', KEYS[1], 'confirmed') == ARGV[4] then return {1, '-', dl} end
+return {2, '-', dl}
