@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import limits
 import loadgen
-import run
+import targets
 from megaphone.client import AsyncMegaphone
 
 HOST = limits.HOST
@@ -97,7 +97,7 @@ async def follow(url: str, way: str, consumer: str, seconds: float) -> int:
 
 def helper(*args: str) -> subprocess.Popen[bytes]:
     """This script in another process beside the server (``--drain`` or ``--flood``)."""
-    command = [*run.pinned(run.SERVER_CPU), sys.executable, __file__, *args]
+    command = [*targets.pinned(targets.SERVER_CPU), sys.executable, __file__, *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE)
 
 
@@ -233,7 +233,7 @@ def main() -> int:
     parser.add_argument("--drain", nargs="+", help=argparse.SUPPRESS)  # PORT SECONDS CONSUMER...
     parser.add_argument("--flood", nargs=3, help=argparse.SUPPRESS)  # PORT SECONDS PRODUCER
     args = parser.parse_args()
-    run.raise_nofile()
+    targets.raise_nofile()
     if args.drain:  # a helper of --cpu, pinned beside the server
         port, seconds, *consumers = args.drain
         asyncio.run(drain_forever(int(port), float(seconds), consumers))
@@ -242,8 +242,8 @@ def main() -> int:
         port, seconds, producer = args.flood
         asyncio.run(raw_writes(int(port), [producer], 8, float(seconds)))
         return 0
-    if run.pinned(run.LOADGEN_CPU):
-        os.sched_setaffinity(0, {run.LOADGEN_CPU})
+    if targets.pinned(targets.LOADGEN_CPU):
+        os.sched_setaffinity(0, {targets.LOADGEN_CPU})
     out = asyncio.run(measure(args.duration, args.concurrency, args.repeat, args.cpu))
     print("| figure | own pool | httpx | raw load generator | own ÷ raw | httpx ÷ raw |")
     print("|---|---|---|---|---|---|")

@@ -45,7 +45,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen  # the load generator's closed loops (beside this file)
-import run  # the benchmark's process helpers (beside this file)
+import targets  # the benchmark's process helpers (beside this file)
 
 HOST = "127.0.0.1"
 MiB = 1 << 20
@@ -87,8 +87,8 @@ now = time.monotonic
 class Node:
     """One megaphone subprocess (and its redis-server), with its effective settings."""
 
-    server: run.Server
-    redis: run.Server | None
+    server: targets.Server
+    redis: targets.Server | None
     settings: dict[str, Any]
 
     @property
@@ -103,18 +103,18 @@ class Node:
 def start_node(workdir: Path, store: str = "memory", extra: Sequence[str] = ()) -> Node:
     """``megaphone --address 127.0.0.1:<port>`` in ``workdir`` (no config file, no
     ``megaphone_*`` variable); on Redis, ``store`` and ``redis_url`` in ``megaphone.toml``."""
-    redis: run.Server | None = None
+    redis: targets.Server | None = None
     args: list[str] = []
     if store == "redis":
-        redis = run.start_redis(workdir)
-        run.wait_ready(redis)
+        redis = targets.start_redis(workdir)
+        targets.wait_ready(redis)
         config = workdir / "megaphone.toml"
         config.write_text(f'store = "redis"\nredis_url = "redis://{HOST}:{redis.port}/0"\n')
         args = ["--config", str(config)]
-    port = run.free_port()
+    port = targets.free_port()
     args = ["--address", f"{HOST}:{port}", *args, *extra]
-    command = [run.megaphone_executable(), *args]
-    env = run.clean_env()
+    command = [targets.megaphone_executable(), *args]
+    env = targets.clean_env()
     checked = subprocess.run(
         [*command, "--check"], cwd=workdir, env=env, capture_output=True, text=True, check=True
     )
@@ -122,16 +122,16 @@ def start_node(workdir: Path, store: str = "memory", extra: Sequence[str] = ()) 
     log = workdir / "megaphone.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [*run.pinned(run.SERVER_CPU), *command],
+            [*targets.pinned(targets.SERVER_CPU), *command],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=workdir,
             env=env,
         )
-    server = run.Server("megaphone", "megaphone", proc, port, [proc.pid], log, "unknown")
+    server = targets.Server("megaphone", "megaphone", proc, port, [proc.pid], log, "unknown")
     node = Node(server, redis, settings)
     try:
-        run.wait_ready(server)
+        targets.wait_ready(server)
     except BaseException:
         stop_node(node)
         raise
@@ -140,16 +140,16 @@ def start_node(workdir: Path, store: str = "memory", extra: Sequence[str] = ()) 
 
 def stop_node(node: Node) -> list[str]:
     """SIGTERM (SIGKILL after 10 s), redis-server last; the log lines at WARNING and above."""
-    problems, _ = run.stop(node.server)
+    problems, _ = targets.stop(node.server)
     problems = [p for p in problems if not run_stop_log_line(p)]
     problems.extend(log_warnings(node.server.log))
     if node.redis is not None:
-        problems.extend(run.stop(node.redis)[0])
+        problems.extend(targets.stop(node.redis)[0])
     return problems
 
 
 def run_stop_log_line(problem: str) -> bool:
-    """``run.stop``'s summary of the log: it counts every line, and megaphone logs at INFO here
+    """``targets.stop``'s summary of the log: it counts every line, and megaphone logs at INFO here
     (``log_warnings`` keeps what matters)."""
     return problem.startswith("megaphone log")
 
@@ -1232,11 +1232,11 @@ def server_source() -> str:
         capture_output=True,
         text=True,
         check=True,
-        env=run.clean_env(),
+        env=targets.clean_env(),
     ).stdout.strip()
-    here = run.BENCH.parent / "src"
+    here = targets.BENCH.parent / "src"
     if Path(where).resolve().is_relative_to(here.resolve()):
-        return run.git_state()
+        return targets.git_state()
     return f"{Path(where).parent.parent} (not this checkout)"
 
 
@@ -1263,7 +1263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(SCENARIOS),
         help=f"comma-separated, from {','.join(SCENARIOS)} (all)",
     )
-    parser.add_argument("--output", type=Path, default=run.RESULTS / "limits.json")
+    parser.add_argument("--output", type=Path, default=targets.RESULTS / "limits.json")
     parser.add_argument(
         "--reprint",
         type=Path,
@@ -1300,9 +1300,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reprint is not None:
         report(json.loads(args.reprint.read_text()), compare, args.reprint)
         return 0
-    run.raise_nofile()
-    if run.pinned(run.LOADGEN_CPU):
-        os.sched_setaffinity(0, {run.LOADGEN_CPU})
+    targets.raise_nofile()
+    if targets.pinned(targets.LOADGEN_CPU):
+        os.sched_setaffinity(0, {targets.LOADGEN_CPU})
     else:
         print("warning: no CPU pinning (needs taskset and 2+ CPUs)", file=sys.stderr)
     started = dt.datetime.now(dt.UTC)
@@ -1314,7 +1314,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1),
         "megaphone_source": source,
         "quick": args.quick,
-        "machine": f"nproc {os.cpu_count()} · {run.cpu_model()}",
+        "machine": f"nproc {os.cpu_count()} · {targets.cpu_model()}",
         "results": results,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -1327,8 +1327,8 @@ def report(saved: dict[str, Any], compare: dict[str, Any] | None, path: Path) ->
     """The run's header line, its table and the server's problems, on stdout."""
     print(
         f"\n{saved['started']} · limits{' --quick (counts ÷ 10)' if saved['quick'] else ''} · "
-        f"{saved.get('machine', '')} · server on CPU {run.SERVER_CPU}, attacker on CPU "
-        f"{run.LOADGEN_CPU} · default settings · run took {saved['elapsed_s']:.0f} s · "
+        f"{saved.get('machine', '')} · server on CPU {targets.SERVER_CPU}, attacker on CPU "
+        f"{targets.LOADGEN_CPU} · default settings · run took {saved['elapsed_s']:.0f} s · "
         f"megaphone {saved['megaphone_source']}\n"
     )
     print(table(saved["results"], compare))

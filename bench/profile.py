@@ -32,7 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run  # the benchmark's own starters and plan (beside this file)
+# the benchmark's own starters, plan and number format (beside this file)
+import report
+import targets
+import workloads
 
 PROFILED = ("megaphone", "megaphone-redis", "nchan", "pushpin")
 
@@ -74,7 +77,7 @@ def record_perf(pids: list[int], data: Path, warmup: float, seconds: float) -> N
 
 
 def profile(target: str, workload: str, duration: float) -> dict[str, Any]:
-    plan = run.Plan(
+    plan = workloads.Plan(
         duration=duration,
         idle_sizes=(1_000,),
         redis_readers=1_000,
@@ -86,9 +89,9 @@ def profile(target: str, workload: str, duration: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"profile-{target}-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)
-        started: list[run.Server] = []
+        started: list[targets.Server] = []
         try:
-            deployment = run.target_starters()[target](workdir, server_args, started)
+            deployment = targets.target_starters()[target](workdir, server_args, started)
             job = {**params, "workload": workload, "host": "127.0.0.1", **deployment.job()}
             pids = deployment.server_pids()
             if deployment.redis is not None:
@@ -98,7 +101,7 @@ def profile(target: str, workload: str, duration: float) -> dict[str, Any]:
             with ThreadPoolExecutor(1) as pool:  # perf samples while the load runs
                 warmup = float(params.get("warmup_s", 1.0))
                 recording = pool.submit(record_perf, pids, data, warmup, record)
-                result = run.run_loadgen(job)
+                result = workloads.run_loadgen(job)
                 recording.result()  # perf's own failure, if any
             return {
                 "target": target,
@@ -110,19 +113,20 @@ def profile(target: str, workload: str, duration: float) -> dict[str, Any]:
             }
         finally:
             for server in reversed(started):
-                run.stop(server)
+                targets.stop(server)
 
 
 def render(found: dict[str, Any]) -> str:
     res = found["loadgen"]
     figures = [
-        f"events delivered/s {run.fmt(res.get('delivered_per_s'), 1)}",
-        f"server CPU per 1,000 events {run.fmt(res.get('server_cpu_ms_per_1k_events'), 1)} ms",
+        f"events delivered/s {report.fmt(res.get('delivered_per_s'), 1)}",
+        f"server CPU per 1,000 events {report.fmt(res.get('server_cpu_ms_per_1k_events'), 1)} ms",
     ]
     if res.get("redis_cpu_ms_per_1k_events") is not None:
-        figures.append(f"redis-server {run.fmt(res['redis_cpu_ms_per_1k_events'], 1)} ms")
+        figures.append(f"redis-server {report.fmt(res['redis_cpu_ms_per_1k_events'], 1)} ms")
     figures.append(
-        f"load generator CPU {run.fmt(res.get('loadgen_cpu_pct'), 1)} % (perf's sampling included)"
+        f"load generator CPU {report.fmt(res.get('loadgen_cpu_pct'), 1)} % "
+        "(perf's sampling included)"
     )
     lines = [
         f"## {found['target']}, {found['workload']} workload "
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("perf") is None:
         print("perf is not installed (apt-get install -y linux-perf)", file=sys.stderr)
         return 2
-    run.raise_nofile()
+    targets.raise_nofile()
     found = profile(args.target, args.workload, args.duration)
     if args.json:
         args.json.write_text(json.dumps(found, indent=2))

@@ -36,7 +36,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run  # the benchmark's own starters and plan (beside this file)
+# the benchmark's own starters, plan and number format (beside this file)
+import report
+import targets
+import workloads
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TRACED = ("megaphone", "megaphone-redis", "nchan", "pushpin")
@@ -132,7 +135,7 @@ def trace(tool: str, pids: list[int], out: Path, seconds: float) -> float:
 
 
 def measure(target: str, workload: str, duration: float, tool: str) -> dict[str, Any]:
-    plan = run.Plan(
+    plan = workloads.Plan(
         duration=duration,
         idle_sizes=(1_000,),
         redis_readers=1_000,
@@ -144,9 +147,9 @@ def measure(target: str, workload: str, duration: float, tool: str) -> dict[str,
     with tempfile.TemporaryDirectory(prefix=f"syscalls-{target}-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)
-        started: list[run.Server] = []
+        started: list[targets.Server] = []
         try:
-            deployment = run.target_starters()[target](workdir, server_args, started)
+            deployment = targets.target_starters()[target](workdir, server_args, started)
             job = {**params, "workload": workload, "host": "127.0.0.1", **deployment.job()}
             pids = deployment.server_pids()
             out = workdir / "trace.txt"
@@ -167,12 +170,12 @@ def measure(target: str, workload: str, duration: float, tool: str) -> dict[str,
 
             with ThreadPoolExecutor(1) as pool:
                 tracing = pool.submit(both)
-                result = run.run_loadgen(job)
+                result = workloads.run_loadgen(job)
                 split, traced = tracing.result()
             text = out.read_text()
         finally:
             for server in reversed(started):
-                run.stop(server)
+                targets.stop(server)
     calls = {"stat": parse_stat, "trace": parse_perf, "strace": parse_strace}[tool](text)
     rate = float(params.get("write_rate") or result.get("delivered_per_s") or 0.0)
     events = rate * traced
@@ -217,11 +220,11 @@ def render(found: list[dict[str, Any]], limit: int) -> str:
         cells = [f"`{name}`"]
         for item in found:
             per = item["per_1k_events"].get(name)
-            cells.append(run.fmt(per, 1) if per is not None else "0")
+            cells.append(report.fmt(per, 1) if per is not None else "0")
         lines.append("| " + " | ".join(cells) + " |")
     totals = ["**all**"]
     for item in found:
-        totals.append(f"**{run.fmt(sum(v or 0 for v in item['per_1k_events'].values()), 1)}**")
+        totals.append(f"**{report.fmt(sum(v or 0 for v in item['per_1k_events'].values()), 1)}**")
     lines.append("| " + " | ".join(totals) + " |")
     notes = []
     for item in found:
@@ -229,9 +232,9 @@ def render(found: list[dict[str, Any]], limit: int) -> str:
         notes.append(
             f"- {item['target']}: {item['tool']} over {item['traced_s']:g} s "
             f"(~{item['events_traced']:,} events) · delivered/s "
-            f"{run.fmt(res.get('delivered_per_s'), 0)} · server CPU per 1,000 events "
-            f"{run.fmt(res.get('server_cpu_ms_per_1k_events'), 1)} ms (tracing included) · "
-            f"publish→deliver p50 {run.fmt((res.get('latency') or {}).get('p50_ms'), 2)} ms"
+            f"{report.fmt(res.get('delivered_per_s'), 0)} · server CPU per 1,000 events "
+            f"{report.fmt(res.get('server_cpu_ms_per_1k_events'), 1)} ms (tracing included) · "
+            f"publish→deliver p50 {report.fmt((res.get('latency') or {}).get('p50_ms'), 2)} ms"
         )
     for name, key, decimals in (
         ("user CPU ms (untraced)", "user_ms_per_1k_events", 1),
@@ -241,10 +244,10 @@ def render(found: list[dict[str, Any]], limit: int) -> str:
     ):
         if not all(item["untraced"] for item in found):
             break  # saturated: the whole window was traced
-        cells = [name, *(run.fmt(item["untraced"][key], decimals) for item in found)]
+        cells = [name, *(report.fmt(item["untraced"][key], decimals) for item in found)]
         lines.append("| " + " | ".join(cells) + " |")
-    workloads = sorted({item["workload"] for item in found})
-    title = f"System calls per 1,000 events delivered ({', '.join(workloads)} workload)"
+    kinds = sorted({item["workload"] for item in found})
+    title = f"System calls per 1,000 events delivered ({', '.join(kinds)} workload)"
     return "\n".join([title, "", *lines, "", *notes, ""])
 
 
@@ -257,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=20, help="system calls shown at most")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
-    targets = [t for t in args.targets.split(",") if t]
-    unknown = [t for t in targets if t not in TRACED]
+    names = [t for t in args.targets.split(",") if t]
+    unknown = [t for t in names if t not in TRACED]
     if unknown:
         parser.error(f"unknown targets {unknown}; choose from {', '.join(TRACED)}")
     program = "strace" if args.tool == "strace" else "perf"
@@ -266,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         package = "strace" if program == "strace" else "linux-perf"
         print(f"{program} is not installed (apt-get install -y {package})", file=sys.stderr)
         return 2
-    run.raise_nofile()
-    found = [measure(target, args.workload, args.duration, args.tool) for target in targets]
+    targets.raise_nofile()
+    found = [measure(target, args.workload, args.duration, args.tool) for target in names]
     if args.json:
         args.json.write_text(json.dumps(found, indent=2))
     print(render(found, args.rows))
