@@ -12,7 +12,6 @@ management socket held, Redis unreachable) is one ``cannot start`` line and exit
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ from megaphone.config import (
     startup_problems,
 )
 from megaphone.errors import MegaphoneError
-from megaphone.server import serve
+from megaphone.server import run, serve
 from megaphone.workers import StartFailed, Supervisor, start_error
 
 _FLAG_TYPES: dict[Any, click.ParamType[Any]] = {
@@ -151,12 +150,6 @@ def main(config_file: Path | None, check: bool, **flags: Any) -> None:
         except OSError as exc:  # the port cannot be reserved
             _fail([start_error(exc, settings)], "cannot start")
         return
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        run = asyncio.run
-    else:
-        run = uvloop.run
     try:
         run(serve(settings))
     except (MegaphoneError, OSError, ValueError) as exc:  # what a start-up refuses, one line

@@ -8,7 +8,9 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack, suppress
+from typing import Any, TypeVar
 
 from megaphone.config import Settings
 from megaphone.core.agents import Agent, AgentRegistry
@@ -27,6 +29,7 @@ from megaphone.store.memory import MemoryStore
 from megaphone.webhooks import WebhookNotifier
 
 log = logging.getLogger("megaphone.server")
+T = TypeVar("T")
 
 
 def build_store(settings: Settings, metrics: Metrics) -> ChannelStore:
@@ -327,6 +330,26 @@ class MegaphoneServer:
             closing.push_async_callback(self.webhooks.aclose)  # callbacks run last-in first
 
 
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop (asyncio's own loop where uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def serve_until(server: MegaphoneServer, stop: asyncio.Event) -> None:
+    """Serve (started) until ``stop`` is set, then shut down gracefully, logging both."""
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        started = time.monotonic()
+        await server.aclose()
+        log.info("shutdown finished", extra={"seconds": round(time.monotonic() - started, 3)})
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     server = MegaphoneServer(settings)
@@ -336,10 +359,4 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    try:
-        await stop.wait()
-        log.info("shutting down")
-    finally:
-        started = time.monotonic()
-        await server.aclose()
-        log.info("shutdown finished", extra={"seconds": round(time.monotonic() - started, 3)})
+    await serve_until(server, stop)

@@ -53,7 +53,7 @@ from megaphone import logs
 from megaphone.config import Settings, hide_password
 from megaphone.errors import MegaphoneError, StoreUnavailable
 from megaphone.metrics import Metrics, Snapshot, render_workers
-from megaphone.server import MegaphoneServer
+from megaphone.server import MegaphoneServer, run, serve_until
 
 log = logging.getLogger("megaphone.workers")
 
@@ -102,12 +102,6 @@ def _worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which sends TERM
     _die_with_parent(parent)
     logs.setup(settings.log_level, worker=index)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        run = asyncio.run
-    else:
-        run = uvloop.run
     sys.exit(run(_worker(settings, index, count, port, directory, ready)))
 
 
@@ -132,13 +126,9 @@ async def _worker(
     ready.send(("ready", server.port))
     ready.close()
     try:
-        await stop.wait()
-        log.info("shutting down")
+        await serve_until(server, stop)
     finally:
-        started = time.monotonic()
-        await server.aclose()
         figures.close()
-        log.info("shutdown finished", extra={"seconds": round(time.monotonic() - started, 3)})
     return 0
 
 
