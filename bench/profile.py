@@ -77,15 +77,7 @@ def record_perf(pids: list[int], data: Path, warmup: float, seconds: float) -> N
 
 
 def profile(target: str, workload: str, duration: float) -> dict[str, Any]:
-    plan = workloads.Plan(
-        duration=duration,
-        idle_sizes=(1_000,),
-        redis_readers=1_000,
-        create_duration=min(duration, 5.0),
-        phase_duration=min(duration, 5.0),
-    )
-    params = dict(plan.jobs(target)[workload])
-    server_args: list[str] = params.pop("server_args", [])
+    params, server_args = workloads.one_job(target, workload, duration)
     with tempfile.TemporaryDirectory(prefix=f"profile-{target}-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)

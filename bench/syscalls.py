@@ -135,15 +135,7 @@ def trace(tool: str, pids: list[int], out: Path, seconds: float) -> float:
 
 
 def measure(target: str, workload: str, duration: float, tool: str) -> dict[str, Any]:
-    plan = workloads.Plan(
-        duration=duration,
-        idle_sizes=(1_000,),
-        redis_readers=1_000,
-        create_duration=min(duration, 5.0),
-        phase_duration=min(duration, 5.0),
-    )
-    params = dict(plan.jobs(target)[workload])
-    server_args: list[str] = params.pop("server_args", [])
+    params, server_args = workloads.one_job(target, workload, duration)
     with tempfile.TemporaryDirectory(prefix=f"syscalls-{target}-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)

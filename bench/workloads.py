@@ -265,3 +265,18 @@ def run_loadgen(job: dict[str, Any]) -> dict[str, Any]:
     if done.stderr.strip():
         result["loadgen_stderr"] = done.stderr[-2000:]
     return result
+
+
+def one_job(target: str, workload: str, duration: float) -> tuple[dict[str, Any], list[str]]:
+    """One workload's load-generator job on one target, as run.py gives it (for the tools that
+    start a target themselves: profile.py, syscalls.py), and the server's extra arguments."""
+    plan = Plan(
+        duration=duration,
+        idle_sizes=(1_000,),
+        redis_readers=1_000,
+        create_duration=min(duration, 5.0),
+        phase_duration=min(duration, 5.0),
+    )
+    params = dict(plan.jobs(target)[workload])
+    server_args: list[str] = params.pop("server_args", [])
+    return params, server_args
