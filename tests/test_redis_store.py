@@ -67,6 +67,16 @@ def meta_of(store: RedisStore, key: Any) -> str:
     return Keys(store.prefix).channel(key).meta
 
 
+async def reading(store: RedisStore, sink: Sink | None = None) -> tuple[ChannelKey, Sink, Any]:
+    """A new channel with a reader attached and started: (its key, the sink, the subscription)."""
+    address, key = new_consumer_address("a")
+    await store.create(key, address, 100)
+    sink = sink if sink is not None else Sink()
+    subscription = await store.attach(key, sink, None)
+    subscription.start()
+    return key, sink, subscription
+
+
 async def test_a_cancelled_attach_does_not_keep_the_lease(
     store: RedisStore, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -153,10 +163,7 @@ async def _armed_reader(
 ) -> tuple[Any, ChannelKey, Any]:
     """A channel whose reader waits (its first, empty take armed ``wk``), and a probe
     subscribed to its notifications."""
-    address, key = new_consumer_address("a")
-    await store.create(key, address, 100)
-    subscription = await store.attach(key, sink, None)
-    subscription.start()
+    key, _, subscription = await reading(store, sink)
     await asyncio.sleep(0.05)  # the first (empty) take armed the notification
     assert await admin.hget(meta_of(store, key), "wk") == b"1"
     probe = admin.pubsub()
@@ -272,11 +279,7 @@ async def test_a_lost_notification_connection_wakes_every_reader(
     store = make_store(redis_server, poll=60.0, lease=120.0)
     await store.start()
     try:
-        address, key = new_consumer_address("a")
-        await store.create(key, address, 100)
-        sink = Sink()
-        subscription = await store.attach(key, sink, None)
-        subscription.start()
+        key, sink, subscription = await reading(store)
         await asyncio.sleep(0.1)
         await store.write(key, make_event("s", "notified"), 0.0)  # only its notification
         await wait_lines(sink, 1)  # can deliver it before the tick
@@ -302,11 +305,7 @@ async def test_a_write_before_the_subscription_is_confirmed_wakes_the_reader(
     real_subscribe = subscriber.subscribe
     subscriber.subscribe = held.append  # type: ignore[method-assign]
     try:
-        address, key = new_consumer_address("a")
-        await store.create(key, address, 100)
-        sink = Sink()
-        subscription = await store.attach(key, sink, None)
-        subscription.start()
+        key, sink, subscription = await reading(store)
         meta = meta_of(store, key)
         for _ in range(1000):  # until the first (empty) take armed the notification
             if await admin.hget(meta, "wk") == b"1":
@@ -331,12 +330,9 @@ async def test_a_reader_that_cannot_take_keeps_its_lease(
     store = make_store(redis_server, lease=0.3, poll=0.1)
     await store.start()
     try:
-        address, key = new_consumer_address("a")
-        await store.create(key, address, 100)
-        sink = Sink()
-        sink.writable = False
-        subscription = await store.attach(key, sink, None)
-        subscription.start()
+        blocked = Sink()
+        blocked.writable = False  # before the attach: the reader never takes
+        key, _, subscription = await reading(store, blocked)
         meta = meta_of(store, key)
         first = int(await admin.hget(meta, "lease"))
 
@@ -706,11 +702,7 @@ async def test_events_handed_over_while_takes_run_arrive_once_in_order(
     store = make_store(redis_server, poll=0.005, lease=1.0)
     await store.start()
     try:
-        address, key = new_consumer_address("a")
-        await store.create(key, address, 100)
-        sink = Sink()
-        subscription = await store.attach(key, sink, None)
-        subscription.start()
+        key, sink, subscription = await reading(store)
         await asyncio.sleep(0.05)
         written: list[bytes] = []
 
