@@ -74,6 +74,20 @@ class MegaphoneProcess:
             self.terminated = True
             self.signal(signal.SIGTERM)
 
+    def terminate_mid_read(self) -> None:
+        """Write an event, read it on a streaming read, SIGTERM while that read is open, and
+        check the read then ends cleanly (its last chunk, no error)."""
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            channel = http.post("/create").json()
+            http.post(f"/write/{channel['producerAddress']}/s", json=1)
+            with http.stream("GET", f"/read/{channel['consumerAddress']}") as stream:
+                lines = stream.iter_lines()
+                assert json.loads(next(lines))["body"] == 1
+                self.terminate()
+                assert list(lines) == []
+
     def wait(self) -> int:
         """Wait for the exit (blocking: from async code, call it through a thread)."""
         return self.process.wait(timeout=15)

@@ -135,14 +135,7 @@ def test_sigterm_ends_every_worker_and_open_reads_cleanly(
     node = start(nodes, tmp_path, redis_server)
     workers = worker_pids(node.process.pid)
     assert len(workers) == 2
-    with httpx.Client(base_url=node.url, timeout=30) as http:
-        channel = http.post("/create").json()
-        http.post(f"/write/{channel['producerAddress']}/s", json=1)
-        with http.stream("GET", f"/read/{channel['consumerAddress']}") as stream:
-            lines = stream.iter_lines()
-            assert json.loads(next(lines))["body"] == 1
-            node.terminate()
-            assert list(lines) == []  # the stream ends cleanly (last chunk), no error
+    node.terminate_mid_read()
     assert node.stop() == 0
     finished = [line for line in node.lines if "shutdown finished" in line]
     assert len(finished) == 3  # each worker, then the supervisor
@@ -172,17 +165,28 @@ def test_a_killed_worker_is_replaced(
     assert node.stop() == 0
 
 
+def megaphone(
+    cwd: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 20,
+    prefix: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """``megaphone`` (after ``prefix``: taskset) run to its end: a failing start, ``--check``."""
+    return subprocess.run(
+        [*prefix, MEGAPHONE, *args],
+        cwd=cwd,
+        env=env if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_a_failing_start_stops_the_others_and_is_one_line(tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     args = ["--address", "127.0.0.1:0", "--mng-socket-path", "", "--workers", "2"]
-    result = subprocess.run(
-        [MEGAPHONE, *args, "--store", "redis", "--redis-url", url],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = megaphone(tmp_path, *args, "--store", "redis", "--redis-url", url, timeout=60)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"megaphone: cannot start: redis unavailable: RespConnectionError (redis_url {url!r})"
@@ -196,14 +200,7 @@ def test_several_workers_need_the_redis_store(tmp_path: Path) -> None:
         "keeps channels in one process; run one node per core behind prefix routing instead)"
     )
     for extra in (["--check"], []):
-        result = subprocess.run(
-            [MEGAPHONE, *args, *extra],
-            cwd=tmp_path,
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
+        result = megaphone(tmp_path, *args, *extra)
         assert (result.returncode, result.stderr.splitlines()) == (2, [line])
 
 
@@ -213,13 +210,13 @@ def test_auto_is_one_worker_per_usable_core(tmp_path: Path) -> None:
     if shutil.which("taskset") is None:
         pytest.skip("taskset is not installed")
     cores = ",".join(str(core) for core in sorted(os.sched_getaffinity(0))[:2])
-    result = subprocess.run(
-        ["taskset", "-c", cores, MEGAPHONE, "--check", "--workers", "auto"],
-        cwd=tmp_path,
+    result = megaphone(
+        tmp_path,
+        "--check",
+        "--workers",
+        "auto",
         env=clean_env(megaphone_mng_socket_path=""),
-        capture_output=True,
-        text=True,
-        timeout=20,
+        prefix=("taskset", "-c", cores),
     )
     if "," in cores:  # two usable cores: auto = 2, which the memory store refuses
         assert result.returncode == 2
@@ -231,14 +228,7 @@ def test_auto_is_one_worker_per_usable_core(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("option", ["0", "two", "-1"])
 def test_a_bad_count_is_one_line(tmp_path: Path, option: str) -> None:
-    result = subprocess.run(
-        [MEGAPHONE, "--check", "--workers", option],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    result = megaphone(tmp_path, "--check", "--workers", option)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "megaphone: invalid configuration: workers: must be a whole number from 1, or auto; "
