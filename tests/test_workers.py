@@ -294,3 +294,39 @@ def test_every_workers_figures_with_their_label() -> None:
     assert samples[("megaphone_http_requests_total", key)] == 1
     assert samples[("megaphone_workers_unreachable", ())] == 1
     assert "worker=" not in first.render().decode()  # one process: no label
+
+
+async def test_siblings_missing_or_silent_are_left_out_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrape's gathering: a sibling with no socket, and one whose socket never answers (cut
+    at the timeout), are left out of the figures and counted as unreachable."""
+    import asyncio
+
+    from megaphone import workers
+
+    monkeypatch.setattr(workers, "SIBLING_TIMEOUT", 0.2)
+    mine = Metrics()
+    mine.messages_received = 5
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never answers
+
+    server = await asyncio.start_unix_server(silent, workers._socket_path(str(tmp_path), 1))
+    try:  # worker 1 is silent, worker 2 has no socket at all
+        text = (await workers._gather(mine, 0, 3, str(tmp_path))).decode()
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("megaphone_messages_received_total", (("worker", "0"),))] == 5
+    assert samples[("megaphone_workers_unreachable", ())] == 2
+    assert not [labels for _, labels in samples if ("worker", "1") in labels]
